@@ -26,9 +26,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from glm5.bench import dsa
-
     return dsa.main(args.rest)
 
 
@@ -39,10 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what glm5 was built with and which kernels are registered")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_info)
-
-    p = sub.add_parser("bench-dsa", help="DSA vs dense attention benchmark (see benchmarks/README.md)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (--help for them)")
-    p.set_defaults(func=_bench)
     return parser
 
 

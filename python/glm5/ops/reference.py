@@ -38,6 +38,15 @@ def visible_mask(ks: torch.Tensor, ke: torch.Tensor, S: int) -> torch.Tensor:
     return (s[None, :] >= ks[:, None].long()) & (s[None, :] < ke[:, None].long())
 
 
+def check_ranges(ks: torch.Tensor, ke: torch.Tensor, T: int, S: int) -> None:
+    """ks, ke: [T] int32 with 0 <= ks[t] <= ke[t] <= S (ks == ke: the query sees no key)."""
+    for name, r in (("ks", ks), ("ke", ke)):
+        if r.dtype != torch.int32 or r.shape != (T,):
+            raise ValueError(f"{name} must be an int32 tensor of shape ({T},), got {r.dtype} {tuple(r.shape)}")
+    if T and (int(ks.min()) < 0 or int(ke.max()) > S or bool((ks > ke).any())):
+        raise ValueError(f"ks/ke must satisfy 0 <= ks <= ke <= S={S}")
+
+
 def check_indices(indices: torch.Tensor, S: int, name: str = "indices") -> None:
     """Indices must lie in [-1, S); anything else is a caller bug, never silently clamped."""
     if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= S):
