@@ -18,4 +18,12 @@ except ImportError as e:  # a source checkout without a build: every op falls ba
 from . import ops  # noqa: E402
 from .info import build_info  # noqa: E402
 
-__all__ = ["ops", "build_info", "HAS_EXT", "__version__"]
+
+def from_pretrained(path, *, dtype=None, device="cpu", **kwargs):
+    """Load a Hugging Face `glm_moe_dsa` checkpoint directory: see glm5.model.from_pretrained."""
+    from .model import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, dtype=dtype, device=device, **kwargs)
+
+
+__all__ = ["ops", "build_info", "from_pretrained", "HAS_EXT", "__version__"]
