@@ -46,6 +46,10 @@ TORCH_LIBRARY(glm5, m) {
         " -> (Tensor x_sorted, Tensor row_map, Tensor offsets)");
   // out[n] = sum_k topk_w[n,k] * y_sorted[row_map[n,k]].
   m.def("moe_unpermute(Tensor y_sorted, Tensor row_map, Tensor topk_w) -> Tensor");
+  // Its backward: dy_sorted[row_map[n,k]] = topk_w[n,k] * grad[n] (unreferenced rows zero) and
+  // dtopk_w[n,k] = grad[n] . y_sorted[row_map[n,k]]; moe_permute's backward is moe_unpermute itself.
+  m.def("moe_unpermute_bwd(Tensor grad, Tensor y_sorted, Tensor row_map, Tensor topk_w)"
+        " -> (Tensor dy_sorted, Tensor dtopk_w)");
   // M-grouped GEMM, contiguous layout: y[off[e]:off[e+1]] = x[off[e]:off[e+1]] @ w[e]^T
   // (w [E,N,K]; with trans_w, w is [E,K,N] and the product is x @ w[e]).
   m.def("grouped_gemm(Tensor x, Tensor w, Tensor offsets, bool trans_w=False) -> Tensor");

@@ -21,6 +21,12 @@ __all__ = [
     "indexer_topk",
     "sparse_mla",
     "indexer_kl_loss",
+    "moe_route",
+    "moe_permute",
+    "moe_unpermute",
+    "grouped_gemm",
+    "grouped_gemm_wgrad",
+    "moe_experts",
 ]
 
 # Queries processed at once by the references that would otherwise build a [T, S, H] tensor.
@@ -217,3 +223,262 @@ def indexer_kl_loss(
         kl = torch.where(p > 0, p * (torch.log(p.clamp_min(torch.finfo(dt).tiny)) - log_q), torch.zeros_like(p))
         total = total + kl.sum()
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------------
+#
+# Legend: N tokens, k = topk slots per token, E experts, D model width, F expert width,
+# M rows of an expert-sorted buffer. An expert index of -1 in topk_idx marks a dropped slot: it gets
+# no row (row_map = -1) and contributes nothing to the combine. Routing never produces -1.
+
+# Added to the sum of the chosen scores before renormalising (as transformers' glm_moe_dsa router).
+ROUTE_NORM_EPS = 1e-20
+
+
+def check_route_args(E: int, topk: int, n_group: int, topk_group: int) -> None:
+    """The routing hyper-parameters must describe a possible selection (errors name the argument)."""
+    if not 1 <= topk <= E:
+        raise ValueError(f"topk must be in [1, num_experts={E}], got {topk}")
+    if n_group < 1 or E % n_group:
+        raise ValueError(f"n_group must be a positive divisor of num_experts={E}, got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    if topk_group * (E // n_group) < topk:
+        raise ValueError(
+            f"topk_group={topk_group} groups of {E // n_group} experts hold fewer than topk={topk} experts"
+        )
+
+
+def check_expert_idx(topk_idx: torch.Tensor, E: int, name: str = "topk_idx") -> None:
+    """Expert indices must lie in [-1, E) (-1: dropped slot); anything else is a caller bug."""
+    if topk_idx.dtype != torch.int32 or topk_idx.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D int32 tensor, got {topk_idx.dtype} {tuple(topk_idx.shape)}")
+    if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= E):
+        raise IndexError(
+            f"{name} out of range: expert indices must be -1 (dropped) or in [0, {E}), "
+            f"got min {int(topk_idx.min())}, max {int(topk_idx.max())}"
+        )
+
+
+def check_offsets(offsets: torch.Tensor, E: int, M: int) -> list[int]:
+    """offsets [E+1] int64, non-decreasing, 0 <= offsets[0], offsets[E] <= M; returns them as a list."""
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (E + 1,):
+        raise ValueError(f"offsets must be an int64 tensor of shape ({E + 1},), got {offsets.dtype} {tuple(offsets.shape)}")
+    off = offsets.tolist()
+    if off[0] < 0 or off[-1] > M or any(b < a for a, b in zip(off, off[1:])):
+        raise ValueError(f"offsets must be non-decreasing with 0 <= offsets[0] and offsets[E] <= M={M}, got {off}")
+    return off
+
+
+def moe_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    topk: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid top-k router (DeepSeek-V3 / GLM-5, transformers' GlmMoeDsaTopkRouter).
+
+    Args:
+        logits [N, E]: router logits (x @ Wg^T), any float dtype; scores s = sigmoid(logits) in fp32.
+        bias [E] or None: e_score_correction_bias; it only chooses (s + bias), never weights.
+        topk: experts per token. n_group / topk_group: group-limited routing (n_group > 1): the E
+            experts form n_group groups of E/n_group; a group's score is the sum of its top-2 biased
+            scores (its only score when a group has one expert); the topk_group best groups are kept
+            and the topk experts are chosen among their experts only.
+        norm_topk_prob: divide the chosen scores by (their sum + 1e-20).
+        routed_scaling_factor: multiplies the weights (2.5 in GLM-5).
+    Returns:
+        topk_idx [N, topk] int32: the chosen experts, ordered by descending biased score; equal
+            scores (and equal group scores) are broken by the smaller index, so the choice is exact
+            and deterministic.
+        topk_w [N, topk] fp32: the weights. Gradients reach logits through topk_w only.
+    NaN in logits or bias raises ValueError.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, E], got shape {tuple(logits.shape)}")
+    N, E = logits.shape
+    check_route_args(E, topk, n_group, topk_group)
+    if bias is not None and tuple(bias.shape) != (E,):
+        raise ValueError(f"bias must have shape ({E},), got {tuple(bias.shape)}")
+    dt = acc_dtype(logits)
+    scores = logits.to(dt).sigmoid()
+    choice = scores.detach() if bias is None else scores.detach() + bias.detach().to(dt)
+    if torch.isnan(choice).any():
+        raise ValueError("moe_route: NaN in logits or bias")
+    if n_group > 1:
+        gs = E // n_group
+        group_scores = choice.view(N, n_group, gs).topk(min(2, gs), dim=-1).values.sum(dim=-1)
+        keep = torch.sort(group_scores, dim=1, descending=True, stable=True).indices[:, :topk_group]
+        group_mask = torch.zeros(N, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(gs, dim=1), float("-inf"))
+    # A stable descending sort keeps equal scores in expert order: the smaller index wins.
+    idx = torch.sort(choice, dim=1, descending=True, stable=True).indices[:, :topk]
+    w = scores.gather(1, idx)
+    if norm_topk_prob:
+        w = w / (w.sum(dim=-1, keepdim=True) + ROUTE_NORM_EPS)
+    return idx.to(torch.int32), w * routed_scaling_factor
+
+
+def moe_permute(
+    x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alignment: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the (token, slot) rows of x by expert into one buffer (the contiguous grouped-GEMM layout).
+
+    Args:
+        x [N, D]: tokens. topk_idx [N, k] int32: expert of each slot, in [-1, num_experts).
+        alignment >= 1: every expert's segment starts at (and spans) a multiple of this many rows.
+    Returns:
+        x_sorted [N*k + E*(alignment-1), D] (x's dtype): a fixed capacity, so the shape does not
+            depend on the routing. Expert e's rows are x_sorted[offsets[e] : offsets[e] + count[e]],
+            in token order (then slot order); rows offsets[e] + count[e] .. offsets[e+1] are zero
+            padding, and so is every row from offsets[E] to the end.
+        row_map [N, k] int32: x_sorted[row_map[n, j]] == x[n]; -1 for dropped slots.
+        offsets [E+1] int64: offsets[0] = 0, offsets[e+1] = offsets[e] + align_up(count[e], alignment)
+            (so with alignment 1, offsets = [0, cumsum(count)] and offsets[E] = number of valid slots).
+    Differentiable in x (the backward sums each token's rows: moe_unpermute with unit weights).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be positive, got {num_experts}")
+    if alignment < 1:
+        raise ValueError(f"alignment must be positive, got {alignment}")
+    check_expert_idx(topk_idx, num_experts)
+    N, D = x.shape
+    if topk_idx.shape[0] != N:
+        raise ValueError(f"topk_idx must have N={N} rows, got shape {tuple(topk_idx.shape)}")
+    E, A, k = num_experts, alignment, topk_idx.shape[1]
+    flat = topk_idx.reshape(-1).long()
+    valid = flat >= 0
+    counts = torch.bincount(flat[valid], minlength=E)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum((counts + A - 1) // A * A, 0)])
+    key = torch.where(valid, flat, E)  # dropped slots sort last
+    order = torch.sort(key, stable=True).indices
+    e_sorted = key[order]
+    ok = e_sorted < E
+    order, e_sorted = order[ok], e_sorted[ok]
+    compact_start = torch.cumsum(counts, 0) - counts  # where expert e starts in the unpadded order
+    rank = torch.arange(order.numel(), device=x.device) - compact_start[e_sorted]
+    dest = offsets[e_sorted] + rank
+    row_map = torch.full((N * k,), -1, dtype=torch.int32, device=x.device)
+    row_map[order] = dest.to(torch.int32)
+    x_sorted = x.new_zeros((N * k + E * (A - 1), D)).index_copy(0, dest, x[order // k])
+    return x_sorted, row_map.view(N, k), offsets
+
+
+def check_row_map(row_map: torch.Tensor, M: int) -> None:
+    """row_map [N, k] int32 with values in [-1, M) and no row repeated."""
+    if row_map.dtype != torch.int32 or row_map.dim() != 2:
+        raise ValueError(f"row_map must be a 2-D int32 tensor, got {row_map.dtype} {tuple(row_map.shape)}")
+    valid = row_map[row_map >= 0]
+    if row_map.numel() and (int(row_map.min()) < -1 or int(row_map.max()) >= M):
+        raise IndexError(f"row_map out of range: rows must be -1 or in [0, {M}), got min {int(row_map.min())}, max {int(row_map.max())}")
+    if valid.numel() != torch.unique(valid).numel():
+        raise ValueError("row_map repeats a row: each row of y_sorted belongs to one (token, slot)")
+
+
+def moe_unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    """Weighted combine: out[n] = sum_j topk_w[n, j] * y_sorted[row_map[n, j]] (slots with row -1 skipped).
+
+    Args:
+        y_sorted [M, D]: expert outputs in the layout of moe_permute. row_map [N, k] int32 (values
+            in [-1, M), no row twice). topk_w [N, k]: float weights (fp32 from moe_route).
+    Returns:
+        out [N, D] in y_sorted's dtype, accumulated in fp32 (fp64 for fp64) in slot order.
+    Differentiable in y_sorted and topk_w.
+    """
+    if y_sorted.dim() != 2:
+        raise ValueError(f"y_sorted must be 2-D [M, D], got shape {tuple(y_sorted.shape)}")
+    check_row_map(row_map, y_sorted.shape[0])
+    if topk_w.shape != row_map.shape:
+        raise ValueError(f"topk_w must have row_map's shape {tuple(row_map.shape)}, got {tuple(topk_w.shape)}")
+    dt = acc_dtype(y_sorted)
+    N, k = row_map.shape
+    out = y_sorted.new_zeros((N, y_sorted.shape[1]), dtype=dt)
+    for j in range(k):
+        rows = row_map[:, j]
+        term = topk_w[:, j, None].to(dt) * y_sorted.to(dt)[rows.clamp(min=0).long()]
+        out = out + torch.where((rows >= 0)[:, None], term, torch.zeros_like(term))
+    return out.to(y_sorted.dtype)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
+    """M-grouped GEMM over contiguous row groups (DeepGEMM's "contiguous" layout).
+
+    Args:
+        x [M, K]; w [E, N, K] (or [E, K, N] with trans_w), x's dtype; offsets [E+1] int64,
+            non-decreasing, 0 <= offsets[0], offsets[E] <= M. Experts with no rows are legal.
+    Returns:
+        y [M, N] in x's dtype: y[offsets[e]:offsets[e+1]] = x[...] @ w[e]^T (x[...] @ w[e] with
+        trans_w), computed as one torch.matmul per expert (fp32 accumulation); rows outside
+        [offsets[0], offsets[E]) are zero.
+    Differentiable in x and w: dx = grouped_gemm(dy, w, offsets, not trans_w), dw = grouped_gemm_wgrad.
+    """
+    if x.dim() != 2 or w.dim() != 3:
+        raise ValueError(f"x must be 2-D and w 3-D, got shapes {tuple(x.shape)} and {tuple(w.shape)}")
+    E = w.shape[0]
+    K = w.shape[1] if trans_w else w.shape[2]
+    if x.shape[1] != K:
+        raise ValueError(f"x.shape[1]={x.shape[1]} must equal w's K={K} (w shape {tuple(w.shape)}, trans_w={trans_w})")
+    M, N = x.shape[0], (w.shape[2] if trans_w else w.shape[1])
+    off = check_offsets(offsets, E, M)
+    pieces = [x.new_zeros((off[0], N))]
+    for e in range(E):
+        if off[e + 1] > off[e]:
+            pieces.append(x[off[e] : off[e + 1]] @ (w[e] if trans_w else w[e].T))
+    pieces.append(x.new_zeros((M - off[E], N)))
+    return torch.cat(pieces)
+
+
+def grouped_gemm_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """K-grouped GEMM: dw[e] = dy[offsets[e]:offsets[e+1]]^T @ x[offsets[e]:offsets[e+1]].
+
+    Args: dy [M, N], x [M, K] (one dtype), offsets [E+1] int64 as in grouped_gemm.
+    Returns: dw [E, N, K] in dy's dtype; zero for experts with no rows.
+    """
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy [M, N] and x [M, K] must share M, got shapes {tuple(dy.shape)} and {tuple(x.shape)}")
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError(f"offsets must be 1-D [E+1] with E >= 1, got shape {tuple(offsets.shape)}")
+    E = offsets.shape[0] - 1
+    off = check_offsets(offsets, E, dy.shape[0])
+    return torch.stack([dy[off[e] : off[e + 1]].T @ x[off[e] : off[e + 1]] for e in range(E)])
+
+
+def moe_experts(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """The routed SwiGLU experts, as the per-expert loop of transformers' GlmMoeDsaExperts.
+
+    Args:
+        x [N, D]; topk_idx [N, k] int32 in [-1, E); topk_w [N, k] (fp32);
+        w_gate_up [E, 2F, D] (gate = rows 0..F-1, up = rows F..2F-1); w_down [E, D, F]; x's dtype.
+    Returns:
+        [N, D] in x's dtype: sum_j topk_w[n,j] * down_e(silu(gate_e(x[n])) * up_e(x[n])) with
+        e = topk_idx[n, j]. GEMMs and SwiGLU run in x's dtype, the weighted sum in fp32.
+    """
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError("x must be [N, D], w_gate_up [E, 2F, D] and w_down [E, D, F]")
+    E, two_f, D = w_gate_up.shape
+    if x.shape[1] != D or two_f % 2 or tuple(w_down.shape) != (E, D, two_f // 2):
+        raise ValueError(
+            f"shapes do not match: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, w_down {tuple(w_down.shape)}"
+        )
+    check_expert_idx(topk_idx, E)
+    if topk_idx.shape[0] != x.shape[0] or topk_w.shape != topk_idx.shape:
+        raise ValueError(f"topk_idx and topk_w must be [N={x.shape[0]}, k], got {tuple(topk_idx.shape)}, {tuple(topk_w.shape)}")
+    dt = acc_dtype(x)
+    out = x.new_zeros(x.shape, dtype=dt)
+    for e in range(E):
+        tok, slot = torch.where(topk_idx == e)
+        if tok.numel() == 0:
+            continue
+        gate, up = (x[tok] @ w_gate_up[e].T).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ w_down[e].T
+        out = out.index_add(0, tok, y.to(dt) * topk_w[tok, slot, None].to(dt))
+    return out.to(x.dtype)
