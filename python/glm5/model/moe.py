@@ -20,39 +20,9 @@ from .config import ModelConfig
 __all__ = ["MLP", "Router", "Experts", "MoE", "moe_route", "moe_experts"]
 
 
-# TEMPORARY: until glm5.ops.moe_route / moe_experts land (python/glm5/ops/moe.py), a local plain
-# PyTorch stand-in with the same contract. Delete this block once they exist.
-def _route_fallback(logits, bias, topk, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0):
-    scores = logits.sigmoid()
-    choice = scores + bias if bias is not None else scores
-    N, E = scores.shape
-    if n_group > 1:
-        group_scores = choice.view(N, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    idx = torch.topk(choice, topk, dim=-1).indices
-    w = scores.gather(1, idx)
-    if norm_topk_prob:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx.to(torch.int32), w * routed_scaling_factor
-
-
-def _experts_fallback(x, topk_idx, topk_w, w_gate_up, w_down):
-    out = torch.zeros(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
-    F_ = w_down.shape[-1]
-    for e in torch.unique(topk_idx[topk_idx >= 0]).tolist():
-        tok, slot = torch.where(topk_idx == e)
-        h = x[tok] @ w_gate_up[e].t()
-        h = F.silu(h[:, :F_]) * h[:, F_:]
-        out.index_add_(0, tok, (h @ w_down[e].t()).to(out.dtype) * topk_w[tok, slot, None].to(out.dtype))
-    return out.to(x.dtype)
-
-
 def moe_route(logits_NE: torch.Tensor, bias_E: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_idx [N, k] int32, topk_w [N, k] fp32) from fp32 router logits, through glm5.ops."""
-    fn = getattr(glm5.ops, "moe_route", _route_fallback)
-    return fn(
+    return glm5.ops.moe_route(
         logits_NE, bias_E, cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
         norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
     )
@@ -60,8 +30,7 @@ def moe_route(logits_NE: torch.Tensor, bias_E: torch.Tensor, cfg: ModelConfig) -
 
 def moe_experts(x_ND, topk_idx, topk_w, w_gate_up_EFD, w_down_EDF) -> torch.Tensor:
     """sum_k topk_w[n,k] * expert_{idx[n,k]}(x[n]) with SwiGLU experts, through glm5.ops."""
-    fn = getattr(glm5.ops, "moe_experts", _experts_fallback)
-    return fn(x_ND, topk_idx, topk_w, w_gate_up_EFD, w_down_EDF)
+    return glm5.ops.moe_experts(x_ND, topk_idx, topk_w, w_gate_up_EFD, w_down_EDF)
 
 
 class MLP(nn.Module):
@@ -125,7 +94,6 @@ class MoE(nn.Module):
         x_ND = x.reshape(-1, shape[-1])
         _, idx, w = self.gate(x_ND)
         with torch.no_grad():
-            valid = idx[idx >= 0].long()
-            self.last_expert_load = torch.bincount(valid, minlength=self.cfg.n_routed_experts)
+            self.last_expert_load = glm5.ops.expert_load(idx, self.cfg.n_routed_experts)
         y = self.experts(x_ND, idx, w) + self.shared_experts(x_ND)
         return y.view(shape)
