@@ -283,3 +283,34 @@ def test_build_data_end_to_end(small_source, tmp_path, monkeypatch):
     d2 = build_data(cfg, tmp_path / "run", source=small_source)
     assert d2.corpus.path == d.corpus.path
     assert torch.equal(d2.train.next_batch().input_ids, d.train.next_batch().input_ids)
+
+
+def test_hf_source_with_a_stub_datasets_module(monkeypatch):
+    """The HF path without a download: a stub `datasets` module with load_dataset."""
+    import types
+
+    class DS(list):
+        column_names = ["text", "meta"]
+        _fingerprint = "abc123"
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return DS([{"text": "alpha", "meta": 1}, {"text": None, "meta": 2}, {"text": "gamma", "meta": 3}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    src = open_source("hf:org/corpus:en@validation")
+    assert calls == [("org/corpus", "en", "validation")]
+    assert list(src) == [("validation:0", "alpha"), ("validation:2", "gamma")]
+    assert src.fingerprint() == open_source("hf:org/corpus:en@validation").fingerprint()
+    with pytest.raises(KeyError, match="body"):
+        open_source("hf:org/corpus", text_field="body")
+
+
+def test_tokenizer_sample_excludes_validation(small_source):
+    from glm5.train.data import is_validation, tokenizer_sample
+
+    texts = set(tokenizer_sample(small_source, max_chars=10**9, val_fraction=0.3))
+    val = {t for n, t in small_source if is_validation(n, 0.3)}
+    assert val and texts and not (texts & val)
