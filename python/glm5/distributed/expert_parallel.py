@@ -95,7 +95,7 @@ class DispatchHandle:
     row_map [N, k] int32: row of (token n, slot k) in the expert-sorted send buffer (moe_permute).
     send_splits / recv_splits: rows sent to / received from each rank.
     regroup / ungroup [M] int64: gather indices (source, expert) -> (expert, source) and back;
-        None for a world of one.
+        None when that is the identity (a world of one, or one expert per rank).
     """
 
     row_map: torch.Tensor
@@ -111,10 +111,12 @@ class ExpertParallel(nn.Module):
     Parameters (the local shard): w_gate_up [El, 2F, D] (gate = first F rows, up = next F) and
     w_down [El, D, F], in the Hugging Face glm_moe_dsa layout of moe_experts.
 
-    forward(x [N, D], topk_idx [N, k] int32 global expert ids, topk_w [N, k] fp32) -> [N, D] equals
+    forward(x [N, D], topk_idx [N, k] int32 global expert ids (-1: a dropped slot), topk_w [N, k]
+    fp32) -> [N, D] equals
     `glm5.ops.moe_experts(x, topk_idx, topk_w, w_gate_up_full, w_down_full)` on this rank's tokens,
     with every rank calling forward (collectively) on its own tokens; N may differ between ranks and
-    may be 0.
+    may be 0. The backward is collective too: every rank runs it, and x.requires_grad must be the
+    same on every rank.
     """
 
     def __init__(
@@ -181,7 +183,8 @@ class ExpertParallel(nn.Module):
         """Send each (token, slot) row to the rank owning its expert.
 
         Returns x_local [M, D] grouped by local expert (then by source rank), offsets [El + 1] int64
-        of those groups (the grouped GEMM's layout), and the handle `combine` needs.
+        of those groups (the grouped GEMM's layout; rows from offsets[El] on, if any, are zero
+        padding), and the handle `combine` needs.
         """
         self._check_inputs(x, topk_idx, None)
         x_sorted, row_map, offsets = glm5.ops.moe_permute(x, topk_idx, self.num_experts)
@@ -193,7 +196,10 @@ class ExpertParallel(nn.Module):
         recv_counts = torch.empty_like(send_counts)  # rows from each (source rank, my local expert)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one sync
-        x_recv = all_to_all_autograd(x_sorted, recv_splits, send_splits, self.group)
+        # Dropped slots (expert -1) sort last in x_sorted and are not sent.
+        x_recv = all_to_all_autograd(x_sorted[: sum(send_splits)], recv_splits, send_splits, self.group)
+        if El == 1:  # one expert per rank: rows grouped by source are already grouped by expert
+            return x_recv, group_offsets(recv_counts), DispatchHandle(row_map, send_splits, recv_splits, None, None)
         M = sum(recv_splits)
         regroup = block_transpose_index(recv_counts, M)
         ungroup = block_transpose_index(recv_counts.t(), M)
@@ -204,14 +210,20 @@ class ExpertParallel(nn.Module):
         """SwiGLU of each local expert over its row group: [M, D] -> [M, D]."""
         gate_up = glm5.ops.grouped_gemm(x_local, self.w_gate_up, offsets)
         gate, up = gate_up.split(self.ffn_dim, dim=-1)
-        return glm5.ops.grouped_gemm(F.silu(gate) * up, self.w_down, offsets)
+        y_local = glm5.ops.grouped_gemm(F.silu(gate) * up, self.w_down, offsets)
+        if x_local.shape[0] == 0 and torch.is_grad_enabled():
+            # The backward exchanges are collectives, so a rank that received nothing must still run
+            # them: keep its (empty) graph connected to x_local and give its experts zero gradients,
+            # whatever an implementation of grouped_gemm does with zero rows.
+            y_local = y_local + (x_local.sum() + self.w_gate_up[:0].sum() + self.w_down[:0].sum())
+        return y_local
 
     def combine(self, y_local: torch.Tensor, handle: DispatchHandle, topk_w: torch.Tensor) -> torch.Tensor:
         """Return the expert outputs to their tokens' ranks and sum them weighted by topk_w: -> [N, D]."""
+        y_recv = y_local if handle.ungroup is None else _Permute.apply(y_local, handle.ungroup, handle.regroup)
         if self.world_size == 1:
-            y_sorted = y_local
+            y_sorted = y_recv
         else:
-            y_recv = _Permute.apply(y_local, handle.ungroup, handle.regroup)
             y_sorted = all_to_all_autograd(y_recv, handle.send_splits, handle.recv_splits, self.group)
         return glm5.ops.moe_unpermute(y_sorted, handle.row_map, topk_w)
 
