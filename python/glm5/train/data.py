@@ -201,7 +201,7 @@ def make_ks_ke(doc_start: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torc
     Returns:
         ks, ke: [B*L] int32; token t = b*L + i sees keys ks[t] = b*L + doc_start[b, i] <= s < ke[t] = t + 1.
     """
-    ds = torch.as_tensor(np.asarray(doc_start) if isinstance(doc_start, np.ndarray) else doc_start)
+    ds = torch.as_tensor(doc_start)
     B, L = ds.shape
     base = (torch.arange(B, device=ds.device, dtype=torch.int32) * L)[:, None]
     ks = (ds.to(torch.int32) + base).reshape(-1)
