@@ -8,7 +8,8 @@ For each context length S, a chunk of T queries at the end of a causal S-token s
 Plus a decode case (one query against an S-token latent cache: dense MQA-mode attention vs
 indexer_topk + sparse_mla) and indexer_topk's peak extra memory per S (process RSS high-water mark,
 one fresh subprocess per S) next to the [T, S] fp32 logits it never materialises. Every kernel's
-GFLOP/s is set against torch.matmul's rate measured in the same run for the same dtype.
+GFLOP/s is set against torch.matmul's rate for the same dtype, timed round-robin with the kernels
+at each S (so a shared machine's load drift hits kernel, baseline and ceiling alike).
 
     python benchmarks/bench_dsa.py                 # S = 4K..128K, T = 128, bf16 (~10 min on 2 cores)
     python benchmarks/bench_dsa.py --quick         # ~1 minute
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -148,7 +150,9 @@ def dense_head_group(S: int, dtype, device, sh: Glm5Attention = SHAPES) -> int:
     return g
 
 
-def measure_prefill(S: int, T: int, dtype, device, impls, ceiling: float, bench_kw: dict, progress, sh=SHAPES) -> dict:
+def measure_prefill(S: int, T: int, dtype, device, impls, matmul, bench_kw: dict, progress, sh=SHAPES) -> dict:
+    """Dense SDPA, indexer_topk, sparse_mla, DSA end to end and torch.matmul (the ceiling), timed
+    round-robin at one context length."""
     fl = flop_counts(S, T, sh)
     row = {"S": S, "T": T, "flops": fl}
 
@@ -165,11 +169,6 @@ def measure_prefill(S: int, T: int, dtype, device, impls, ceiling: float, bench_
         for h0 in range(0, sh.heads, group):
             F.scaled_dot_product_attention(q[:, h0 : h0 + group], k, v, attn_mask=mask, scale=sh.sm_scale)
 
-    t = bu.bench(dense, device=device, **bench_kw)
-    row["dense"] = _rate(t, fl["dense"], ceiling) | {"head_group": group}
-    progress.step(f"S={S:>6} dense SDPA        {t.median * 1e3:10.1f} ms")
-    del q, k, v, mask
-
     # DSA: indexer top-k, then sparse MLA over the selected keys.
     topk_fn, smla_fn = dsa_fns(impls)
     x = dsa_inputs(S, T, dtype, device, sh)
@@ -180,14 +179,6 @@ def measure_prefill(S: int, T: int, dtype, device, impls, ceiling: float, bench_
     if not torch.equal(n_valid, expect.to(n_valid.dtype)):
         raise RuntimeError(f"indexer_topk at S={S}: wrong number of selected keys per query")
 
-    t = bu.bench(lambda: topk_fn(*idx_args), device=device, **bench_kw)
-    row["indexer_topk"] = _rate(t, fl["indexer"], ceiling)
-    progress.step(f"S={S:>6} indexer_topk      {t.median * 1e3:10.1f} ms")
-
-    t = bu.bench(lambda: smla_fn(x["q"], x["kv"], indices, sh.sm_scale, sh.latent_v), device=device, **bench_kw)
-    row["sparse_mla"] = _rate(t, fl["sparse"], ceiling)
-    progress.step(f"S={S:>6} sparse_mla        {t.median * 1e3:10.1f} ms")
-
     def dsa():
         ind, _ = topk_fn(*idx_args)
         return smla_fn(x["q"], x["kv"], ind, sh.sm_scale, sh.latent_v)
@@ -195,45 +186,60 @@ def measure_prefill(S: int, T: int, dtype, device, impls, ceiling: float, bench_
     out, lse = dsa()
     if not (torch.isfinite(out).all() and torch.isfinite(lse).all()):
         raise RuntimeError(f"DSA at S={S}: non-finite output")
-    t = bu.bench(dsa, device=device, **bench_kw)
-    row["dsa"] = _rate(t, fl["indexer"] + fl["sparse"], ceiling)
+
+    t = bu.bench_many({
+        "matmul": matmul["fn"],
+        "dense": dense,
+        "indexer_topk": lambda: topk_fn(*idx_args),
+        "sparse_mla": lambda: smla_fn(x["q"], x["kv"], indices, sh.sm_scale, sh.latent_v),
+        "dsa": dsa,
+    }, device=device, **bench_kw)
+    ceiling = matmul["flops"] / t["matmul"].median / 1e9
+    row["matmul"] = t["matmul"].as_dict() | {"gflops": ceiling}
+    row["dense"] = _rate(t["dense"], fl["dense"], ceiling) | {"head_group": group}
+    row["indexer_topk"] = _rate(t["indexer_topk"], fl["indexer"], ceiling)
+    row["sparse_mla"] = _rate(t["sparse_mla"], fl["sparse"], ceiling)
+    row["dsa"] = _rate(t["dsa"], fl["indexer"] + fl["sparse"], ceiling)
     row["speedup"] = row["dense"]["median_s"] / row["dsa"]["median_s"]
     row["of_bound"] = row["speedup"] / fl["bound"]
-    progress.step(f"S={S:>6} DSA end to end    {t.median * 1e3:10.1f} ms  speedup {row['speedup']:.2f}x "
-                  f"(bound {fl['bound']:.2f}x)")
+    progress.step(f"S={S:>6} prefill: dense {row['dense']['median_s'] * 1e3:.1f} ms, DSA {row['dsa']['median_s'] * 1e3:.1f} ms "
+                  f"(idx {row['indexer_topk']['median_s'] * 1e3:.1f} + sparse {row['sparse_mla']['median_s'] * 1e3:.1f}), "
+                  f"speedup {row['speedup']:.2f}x (bound {fl['bound']:.2f}x), matmul {ceiling:.0f} GFLOP/s")
     return row
 
 
 def measure_decode(S: int, dtype, device, impls, ceiling: float, bench_kw: dict, progress, sh=SHAPES) -> dict:
+    """One query against all S cached latent keys: dense MQA-mode attention (the 64 heads as one
+    [64, 576] x [576, S] GEMM, fp32 softmax, then [64, S] x [S, 512]) vs indexer_topk + sparse_mla."""
     fl = decode_flop_counts(S, sh)
     x = dsa_inputs(S, 1, dtype, device, sh)
     q, kv = x["q"], x["kv"]  # [1, 64, 576], [S, 576]: the query's 64 heads share every latent key
-    q4, k4, v4 = q[None], kv[None, None], kv[None, None, :, : sh.latent_v]
 
-    def dense_sdpa():  # the 64 heads as 64 query rows of one MQA head; all S keys are visible
-        return F.scaled_dot_product_attention(q4, k4, v4, scale=sh.sm_scale)
-
-    def dense_matmul():
+    def dense():
         p = torch.softmax((q[0] @ kv.T).float() * sh.sm_scale, dim=-1).to(dtype)  # [64, S]
         return p @ kv[:, : sh.latent_v]
-
-    ts = bu.bench(dense_sdpa, device=device, **bench_kw)
-    tm = bu.bench(dense_matmul, device=device, **bench_kw)
-    best = min(ts, tm, key=lambda t: t.median)
-    row = {"S": S, "flops": fl, "dense_sdpa": _rate(ts, fl["dense"], ceiling), "dense_matmul": _rate(tm, fl["dense"], ceiling)}
-    row["dense"] = row["dense_sdpa"] if best is ts else row["dense_matmul"]
 
     topk_fn, smla_fn = dsa_fns(impls)
     idx_args = (x["q_idx"], x["k_idx"], x["w"], x["ks"], x["ke"], sh.topk)
     indices, _ = topk_fn(*idx_args)
-    row["indexer_topk"] = _rate(bu.bench(lambda: topk_fn(*idx_args), device=device, **bench_kw), fl["indexer"], ceiling)
-    row["sparse_mla"] = _rate(
-        bu.bench(lambda: smla_fn(q, kv, indices, sh.sm_scale, sh.latent_v), device=device, **bench_kw), fl["sparse"], ceiling
-    )
-    row["dsa"] = {"median_s": row["indexer_topk"]["median_s"] + row["sparse_mla"]["median_s"]}
+
+    def dsa():
+        ind, _ = topk_fn(*idx_args)
+        return smla_fn(q, kv, ind, sh.sm_scale, sh.latent_v)
+
+    t = bu.bench_many({
+        "dense": dense,
+        "indexer_topk": lambda: topk_fn(*idx_args),
+        "sparse_mla": lambda: smla_fn(q, kv, indices, sh.sm_scale, sh.latent_v),
+        "dsa": dsa,
+    }, device=device, **bench_kw)
+    row = {"S": S, "flops": fl, "matmul_gflops": ceiling}
+    row["dense"] = _rate(t["dense"], fl["dense"], ceiling)
+    row["indexer_topk"] = _rate(t["indexer_topk"], fl["indexer"], ceiling)
+    row["sparse_mla"] = _rate(t["sparse_mla"], fl["sparse"], ceiling)
+    row["dsa"] = _rate(t["dsa"], fl["indexer"] + fl["sparse"], ceiling)
     row["speedup"] = row["dense"]["median_s"] / row["dsa"]["median_s"]
-    progress.step(f"S={S:>6} decode            dense {row['dense']['median_s'] * 1e3:.2f} ms, "
-                  f"DSA {row['dsa']['median_s'] * 1e3:.2f} ms")
+    progress.step(f"S={S:>6} decode: dense {row['dense']['median_s'] * 1e3:.2f} ms, DSA {row['dsa']['median_s'] * 1e3:.2f} ms")
     return row
 
 
@@ -305,10 +311,13 @@ def evaluate_targets(prefill: list[dict], memory: list[dict]) -> dict:
     if memory:
         peaks = [m["peak_extra_bytes"] for m in memory]
         growth, allowance = max(peaks) - min(peaks), max(4 << 20, 0.1 * max(m["logits_bytes"] for m in memory))
+        lo, hi = min(memory, key=lambda m: m["S"]), max(memory, key=lambda m: m["S"])
         out["indexer_memory_flat"] = {
             "target": "indexer_topk peak extra memory flat in S: max - min over S <= max(4 MiB, 10% of the "
                       "largest [T,S] fp32 logits)",
             "growth_bytes": growth, "allowance_bytes": allowance, "met": growth <= allowance,
+            # growth from the shortest to the longest context, per key: 512 B/key would be an fp32 copy of k
+            "bytes_per_key": (hi["peak_extra_bytes"] - lo["peak_extra_bytes"]) / max(1, hi["S"] - lo["S"]),
         }
     return out
 
@@ -324,19 +333,21 @@ def _gf(d: dict) -> str:
 def format_tables(res: dict) -> str:
     L = []
     c = res["matmul_ceiling"]
-    L.append(f"torch.matmul {c['n']}^3 {c['dtype']}: {c['gflops']:.1f} GFLOP/s (the ceiling; % below are of it)")
+    L.append(f"torch.matmul {c['n']}^3 {c['dtype']}: {c['gflops_median']:.1f} GFLOP/s median over S "
+             f"({c['gflops_min']:.1f}..{c['gflops_max']:.1f}; timed round-robin with the kernels at each S: the ceiling, "
+             "% below are of that S's rate)")
     L.append(f"ops: indexer_topk={res['impls']['indexer_topk']}, sparse_mla={res['impls']['sparse_mla']}")
     L.append("")
     L.append(f"Prefill: the last {res['config']['queries']} queries of a causal S-token sequence (times: median ms)")
     L.append(f"{'S':>7} | {'dense':>9} | {'DSA':>9} = {'idx+topk':>9} + {'sparse':>9} | {'speedup':>7} | {'bound':>6} | "
-             f"{'of bnd':>6} | {'dense GFLOP/s':>14} | {'idx GFLOP/s':>14} | {'sparse GFLOP/s':>14}")
+             f"{'of bnd':>6} | {'dense GFLOP/s':>14} | {'idx GFLOP/s':>14} | {'sparse GFLOP/s':>14} | {'matmul':>6}")
     for r in res["prefill"]:
         L.append(f"{r['S']:>7} | {_ms(r['dense'])} | {_ms(r['dsa'])} = {_ms(r['indexer_topk'])} + {_ms(r['sparse_mla'])} | "
                  f"{r['speedup']:6.2f}x | {r['flops']['bound']:5.2f}x | {r['of_bound']:6.2f} | {_gf(r['dense']):>14} | "
-                 f"{_gf(r['indexer_topk']):>14} | {_gf(r['sparse_mla']):>14}")
+                 f"{_gf(r['indexer_topk']):>14} | {_gf(r['sparse_mla']):>14} | {r['matmul']['gflops']:6.1f}")
     if res["decode"]:
         L.append("")
-        L.append("Decode: one query against an S-token latent cache (dense = the faster of SDPA and matmul-softmax-matmul)")
+        L.append("Decode: one query against an S-token latent cache (dense: MQA-mode matmul-softmax-matmul)")
         L.append(f"{'S':>7} | {'dense':>9} | {'DSA':>9} = {'idx+topk':>9} + {'sparse':>9} | {'speedup':>7} | {'bound':>6} | "
                  f"{'dense GFLOP/s':>14}")
         for r in res["decode"]:
@@ -361,7 +372,8 @@ def format_tables(res: dict) -> str:
                 quoted = f" (issue's bound {v['issue_bound']}x: {v['speedup'] / v['issue_bound']:.2f})" if v["issue_bound"] else ""
                 L.append(f"      S={S}: {v['speedup']:.2f}x of a {v['bound']:.2f}x bound = {v['of_bound']:.2f}{quoted}")
         else:
-            L.append(f"      growth {t['growth_bytes'] / 2**20:.1f} MiB (allowed {t['allowance_bytes'] / 2**20:.1f} MiB)")
+            L.append(f"      growth {t['growth_bytes'] / 2**20:.1f} MiB (allowed {t['allowance_bytes'] / 2**20:.1f} MiB), "
+                     f"{t['bytes_per_key']:.0f} bytes per extra key")
     return "\n".join(L)
 
 
@@ -410,7 +422,7 @@ def plot(res: dict, path: Path) -> None:
             a.legend(fontsize=8)
     m = res["machine"]
     fig.suptitle(f"GLM-5 DSA vs dense, {res['config']['dtype']}, {m.get('gpu', m['cpu'])}, {m['torch_threads']} threads, "
-                 f"matmul {res['matmul_ceiling']['gflops']:.0f} GFLOP/s")
+                 f"matmul {res['matmul_ceiling']['gflops_median']:.0f} GFLOP/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -456,26 +468,27 @@ def main(argv=None) -> dict:
         print(f"NOTE: timing the plain-PyTorch reference for {[k for k, v in impls.items() if v == 'reference']} "
               f"(no {device.type} kernel registered, or --impl reference)", file=sys.stderr)
 
-    n_steps = 1 + len(args.seq_lens) * (4 + (not args.no_decode) + (not args.no_memory))
-    progress = bu.Progress(n_steps)
-    ceiling = bu.matmul_ceiling(dtype, device, n=8192 if device.type == "cuda" else 4096, **bench_kw)
-    progress.step(f"torch.matmul {ceiling['n']}^3 {args.dtype}: {ceiling['gflops']:.1f} GFLOP/s")
+    progress = bu.Progress(len(args.seq_lens) * (1 + (not args.no_decode) + (not args.no_memory)))
+    n = 8192 if device.type == "cuda" else 4096
+    matmul = {"fn": bu.matmul_fn(dtype, device, n), "flops": bu.matmul_flops(n, n, n), "n": n}
     res = {
         "config": {"seq_lens": args.seq_lens, "queries": T, "dtype": args.dtype, "device": str(device), "quick": args.quick,
                    "shapes": dataclasses.asdict(SHAPES), "bench": bench_kw, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
         "load_avg_1m_at_start": os.getloadavg()[0],
         "impls": impls,
         "glm5_ops": {op: glm5_info._backends(op) for op in ("indexer_topk", "sparse_mla_fwd")} if glm5.HAS_EXT else None,
-        "matmul_ceiling": ceiling,
         "prefill": [], "decode": [], "memory": [],
         "bound_check": {S: {"formula": flop_counts(S, 1)["bound"], "issue": ISSUE_BOUND[S]} for S in sorted(ISSUE_BOUND)},
     }
     for S in args.seq_lens:
-        res["prefill"].append(measure_prefill(S, T, dtype, device, impls, ceiling["gflops"], bench_kw, progress))
-        if not args.no_decode:
-            res["decode"].append(measure_decode(S, dtype, device, impls, ceiling["gflops"], bench_kw, progress))
+        res["prefill"].append(measure_prefill(S, T, dtype, device, impls, matmul, bench_kw, progress))
+        if not args.no_decode:  # held to the matmul rate measured just before, at the same S
+            res["decode"].append(measure_decode(S, dtype, device, impls, res["prefill"][-1]["matmul"]["gflops"], bench_kw, progress))
         if not args.no_memory:
             res["memory"].append(measure_memory(S, T, args, device, impls, progress))
+    rates = [r["matmul"]["gflops"] for r in res["prefill"]]
+    res["matmul_ceiling"] = {"n": n, "dtype": args.dtype, "gflops_median": statistics.median(rates),
+                             "gflops_min": min(rates), "gflops_max": max(rates)}
     res["targets"] = evaluate_targets(res["prefill"], res["memory"])
     res["machine"] = bu.machine_info(device)
 

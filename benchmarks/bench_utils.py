@@ -95,44 +95,62 @@ def flush_l2(device: torch.device | str) -> None:
         buf.zero_()
 
 
-def bench(
-    fn: Callable[[], object],
+def bench(fn: Callable[[], object], *, device: torch.device | str = "cpu", **kw) -> Timing:
+    """Time one function; see bench_many for the keyword arguments."""
+    return bench_many({"fn": fn}, device=device, **kw)["fn"]
+
+
+def bench_many(
+    fns: dict[str, Callable[[], object]],
     *,
     device: torch.device | str = "cpu",
     warmup: int = 1,
     min_reps: int = 3,
     max_reps: int = 50,
     budget_s: float = 2.0,
-) -> Timing:
-    """Time fn(): `warmup` untimed calls, then at least min_reps and at most max_reps timed calls,
-    stopping after min_reps once budget_s seconds of timed calls are spent. CPU: time.perf_counter
-    around each call; CUDA: CUDA events around each call, L2 flushed before each."""
+) -> dict[str, Timing]:
+    """Time several functions round-robin, one call of each per round, so that a drift in the machine's
+    load (shared machines) hits all of them alike and their ratios stay meaningful.
+
+    `warmup` untimed rounds, then at least min_reps and at most max_reps timed rounds, stopping after
+    min_reps once budget_s seconds of timed calls are spent. CPU: time.perf_counter around each call;
+    CUDA: CUDA events around each call, with the L2 flushed before it."""
     device = torch.device(device)
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync(device)
-    times: list[float] = []
-    while len(times) < max_reps and (len(times) < min_reps or sum(times) < budget_s):
-        if device.type == "cuda":
-            flush_l2(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return Timing(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent, rounds = 0.0, 0
+    while rounds < max_reps and (rounds < min_reps or spent < budget_s):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                flush_l2(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+            spent += times[name][-1]
+        rounds += 1
+    return {name: Timing(ts) for name, ts in times.items()}
+
+
+def matmul_fn(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 4096) -> Callable[[], torch.Tensor]:
+    """A closure computing [n,n] @ [n,n] in `dtype` (output in `dtype`), for bench_many next to a kernel."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return lambda: torch.matmul(a, b)
 
 
 def matmul_ceiling(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 4096, **bench_kw) -> dict:
     """torch.matmul's rate on [n,n] @ [n,n] in `dtype` (output in `dtype`): the ceiling kernels are held to."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    t = bench(lambda: torch.matmul(a, b), device=device, **bench_kw)
+    t = bench(matmul_fn(dtype, device, n), device=device, **bench_kw)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "gflops": matmul_flops(n, n, n) / t.median / 1e9, **t.as_dict()}
 
 
