@@ -250,13 +250,13 @@ def _rate(t: bu.Timing, flops: int, ceiling: float) -> dict:
 
 def memory_probe(S: int, T: int, dtype, device, impls, sh=SHAPES) -> dict:
     """indexer_topk's peak extra memory at (S, T), measured in this process. On CPU: the RSS
-    high-water mark over its first call at this size (after a small warm-up call at S = 512 that
+    high-water mark over its first call at this size (after a one-query warm-up call at S = 512 that
     starts the thread pools) minus the RSS before it; on CUDA: torch's peak allocated bytes."""
     topk_fn, _ = dsa_fns(impls)
     x = dsa_inputs(S, T, dtype, device, sh)
     s0 = min(S, 512)
-    ke0 = torch.clamp(x["ke"], max=s0)
-    topk_fn(x["q_idx"], x["k_idx"][:s0], x["w"], torch.minimum(x["ks"], ke0), ke0, sh.topk)
+    one = torch.tensor([s0], dtype=torch.int32, device=device)
+    topk_fn(x["q_idx"][:1], x["k_idx"][:s0], x["w"][:1], one * 0, one, sh.topk)
     args = (x["q_idx"], x["k_idx"], x["w"], x["ks"], x["ke"], sh.topk)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -277,7 +277,9 @@ def measure_memory(S: int, T: int, args, device, impls, progress) -> dict:
     if device.type == "cuda":
         row = memory_probe(S, T, bu.DTYPES[args.dtype], device, impls)
     else:  # a fresh process per S, so no earlier allocation hides or inflates the peak
-        env = dict(os.environ, GLM5_OPS_IMPL=impls["indexer_topk"])
+        # A fixed mmap threshold: every block >= 64 KiB is mapped on malloc and unmapped on free, so
+        # glibc's heap does not keep (and hide) memory between calls.
+        env = dict(os.environ, GLM5_OPS_IMPL=impls["indexer_topk"], MALLOC_MMAP_THRESHOLD_="65536")
         cmd = [sys.executable, __file__, "--_memory-probe", str(S), "--queries", str(T), "--dtype", args.dtype]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if res.returncode != 0:
