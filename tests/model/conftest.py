@@ -1,24 +1,14 @@
-"""Model tests run on the public glm5.ops functions: the kernels where a CPU kernel is registered,
-the plain-PyTorch references otherwise (while the kernels are being written)."""
+"""Model tests run on the plain-PyTorch references of glm5.ops (the specification), so they test
+the model itself; test_kernels.py runs the same model on the compiled kernels and compares."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 import glm5
 
-# Ops the model calls (schema names); if any lacks a CPU kernel the whole model runs on references.
-_MODEL_OPS = ("indexer_topk", "sparse_mla_fwd", "indexer_kl_loss_fwd", "moe_route")
-
-
-def _cpu_kernels_complete() -> bool:
-    if not glm5.HAS_EXT:
-        return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"glm5::{op}", "CPU") for op in _MODEL_OPS)
-
 
 @pytest.fixture(autouse=True)
-def _ops_impl():
-    with glm5.ops.use_impl(None if _cpu_kernels_complete() else "reference"):
+def _reference_ops():
+    with glm5.ops.use_impl("reference"):
         yield

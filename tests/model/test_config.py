@@ -99,6 +99,10 @@ def test_hf_config_errors_name_the_field():
         config_from_hf({**good, "num_key_value_heads": 1})
     with pytest.raises(ValueError, match="rope type 'yarn'"):
         config_from_hf({**good, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
+    with pytest.raises(ValueError, match="indexer_rope_interleave"):
+        config_from_hf({**good, "indexer_rope_interleave": False})  # DeepSeek-V3.2's half-split indexer RoPE
+    with pytest.raises(ValueError, match="scoring_func"):
+        config_from_hf({**good, "scoring_func": "softmax"})
     with pytest.raises(ValueError, match="mystery_knob"):
         config_from_hf({**good, "mystery_knob": 1}, strict=True)
     with pytest.warns(UserWarning, match="mystery_knob"):
@@ -111,8 +115,10 @@ def test_hf_legacy_rope_and_sharing_fields():
     d = config_to_hf(M.preset("debug"))
     for k in ("rope_parameters", "indexer_types", "mlp_layer_types"):
         del d[k]
-    d.update(rope_theta=8e6, index_topk_freq=2, index_skip_topk_offset=1)
-    c = config_from_hf(d)
+    d.update(rope_theta=8e6, index_topk_freq=2, index_skip_topk_offset=1, num_experts=8, rope_interleave=True,
+             index_share_for_mtp_iteration=True, scoring_func="sigmoid", topk_method="noaux_tc", ep_size=1)
+    c = config_from_hf(d, strict=True)
+    assert c.n_routed_experts == 8 and c.index_share_for_mtp_iteration
     assert c.rope_theta == 8e6
     assert c.indexer_types == ["full", "shared", "full", "shared"]
     assert c.mlp_layer_types == ["dense", "sparse", "sparse", "sparse"]

@@ -78,3 +78,28 @@ def test_mtp_can_be_off():
     assert model(ids, labels=ids, mtp_steps=0).mtp_loss is None
     _, no_mtp = _model(num_nextn_predict_layers=0)
     assert no_mtp.mtp is None and no_mtp(ids, labels=ids).mtp_loss is None
+
+
+def test_glm52_mtp_steps_can_share_the_first_steps_topk(monkeypatch):
+    import glm5
+
+    calls = []
+    inner = glm5.ops.indexer_topk
+    monkeypatch.setattr(glm5.ops, "indexer_topk", lambda *a: calls.append(1) or inner(*a))
+    for share, want in ((False, 3), (True, 1)):
+        cfg, model = _model(mtp_steps=3, indexer_types="FSS", index_share_for_mtp_iteration=share)
+        ids = torch.randint(0, cfg.vocab_size, (1, 24))
+        calls.clear()
+        with torch.no_grad():
+            model(ids, labels=ids)
+        assert len(calls) == 1 + want, share  # layer 0, then the MTP block's own indexer runs
+
+
+def test_mtp_indexer_trains_with_the_indexer_loss():
+    cfg, model = _model()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    out = model(ids, labels=ids, indexer_loss="sparse")
+    out.indexer_loss.backward()
+    assert model.mtp.self_attn.indexer.wq_b.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.indexer.wq_b.weight.grad.abs().sum() > 0
+    assert model.mtp.eh_proj.weight.grad is None or model.mtp.eh_proj.weight.grad.abs().sum() == 0

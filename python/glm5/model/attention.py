@@ -254,6 +254,7 @@ class MLAttention(nn.Module):
         ke: torch.Tensor,
         *,
         prev_topk_TK: torch.Tensor | None = None,
+        reuse_topk: bool = False,
         mode: str = "sparse",
         indexer_loss: str | None = None,
         cache: KVCacheLike | None = None,
@@ -265,7 +266,8 @@ class MLAttention(nn.Module):
             ks, ke [T] int32: query t sees keys ks[t] <= s < ke[t] (key indices into this call's
                 tokens, or into the cache's when `cache` is given).
             prev_topk_TK: the selection of the previous "full" layer (required on "shared" layers
-                in the sparse modes).
+                in the sparse modes). reuse_topk: use it even though this layer has an indexer
+                (GLM-5.2's MTP steps after the first).
             mode: one of ATTN_MODES.
             indexer_loss: None, "sparse" (KL over the selected keys) or "dense" (KL over every visible
                 key; needs mode="dense"). The indexer's inputs are detached: it learns from this only.
@@ -277,7 +279,8 @@ class MLAttention(nn.Module):
             raise ValueError("the dense indexer loss needs the dense attention (mode='dense')")
         p = self.project(x_TD, cos, sin)
         idx_q = idx_k = idx_w = None
-        if self.indexer is not None and (mode != "dense" or indexer_loss is not None):
+        own_topk = self.indexer is not None and not reuse_topk
+        if self.indexer is not None and ((mode != "dense" and own_topk) or indexer_loss is not None):
             idx_q, idx_k, idx_w = self.indexer(x_TD.detach(), p.q_lat_TQ.detach(), cos, sin)
         kv_SC = p.kv_TC
         if cache is not None:
@@ -286,7 +289,7 @@ class MLAttention(nn.Module):
 
         topk_TK = None
         if mode != "dense":
-            if self.indexer is not None:
+            if own_topk:
                 K = min(self.cfg.index_topk, S)
                 topk_TK, _ = glm5.ops.indexer_topk(idx_q, idx_k, idx_w.to(idx_q.dtype), ks, ke, K)
             elif prev_topk_TK is None:

@@ -65,6 +65,8 @@ class ModelConfig:
     # ---- MTP -------------------------------------------------------------------------------------
     num_nextn_predict_layers: int = 1  # MTP blocks stored in the checkpoint (layer index num_hidden_layers)
     mtp_steps: int = 3  # GLM-5 applies its one MTP block this many times with shared weights
+    # GLM-5.2: MTP steps after the first reuse the first step's indexer top-k (GLM-5: False).
+    index_share_for_mtp_iteration: bool = False
     # ---- positions, norms, misc ------------------------------------------------------------------
     max_position_embeddings: int = 202752
     rope_theta: float = 1_000_000.0
@@ -234,12 +236,14 @@ _SAME = (
     "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "index_n_heads", "index_head_dim", "index_topk", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
     "moe_intermediate_size", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
-    "num_nextn_predict_layers", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "num_nextn_predict_layers", "index_share_for_mtp_iteration", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
 )
 # HF fields whose value glm5 does not model: accepted only at these values (anything else is an error).
 _FIXED = {
     "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "attention_dropout": 0.0,
+    "rope_interleave": True, "indexer_rope_interleave": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+    "moe_layer_freq": 1, "moe_router_dtype": "float32",
 }
 # HF fields that carry no information for glm5 (derived, runtime or bookkeeping).
 _IGNORED = {
@@ -247,9 +251,8 @@ _IGNORED = {
     "num_key_value_heads", "output_router_logits", "keys_to_ignore_at_inference", "quantization_config",
     "auto_map", "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "dtype", "torch_dtype",
     "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset", "rope_parameters", "rope_theta",
-    "rope_scaling", "partial_rotary_factor", "indexer_types", "mlp_layer_types", "num_local_experts",
-    "scoring_func", "topk_method", "ep_size", "moe_layer_freq", "pretraining_tp", "indexer_rope_interleave",
-    "rope_interleave", "generation_config", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
+    "rope_scaling", "partial_rotary_factor", "indexer_types", "mlp_layer_types", "num_local_experts", "num_experts",
+    "ep_size", "pretraining_tp", "generation_config", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
     "id2label", "label2id", "problem_type", "tokenizer_class", "pruned_heads", "torchscript", "task_specific_params",
     "add_cross_attention", "cross_attention_hidden_size", "finetuning_task", "prefix", "sep_token_id",
     "decoder_start_token_id", "is_decoder", "tf_legacy_loss", "use_bfloat16", "bad_words_ids",
@@ -300,8 +303,9 @@ def config_from_hf(d: dict[str, Any], *, strict: bool = False) -> ModelConfig:
             raise ValueError(f"config.json: unknown field(s) {unknown}")
         warnings.warn(f"config.json: ignoring field(s) glm5 does not model: {unknown}", stacklevel=2)
     kw: dict[str, Any] = {k: d[k] for k in _SAME if k in d}
-    if "num_local_experts" in d and "n_routed_experts" not in d:
-        kw["n_routed_experts"] = d["num_local_experts"]
+    for alias in ("num_local_experts", "num_experts"):  # transformers' aliases of n_routed_experts
+        if d.get(alias) is not None:
+            kw["n_routed_experts"] = d[alias]
     kw.setdefault("num_nextn_predict_layers", 0)
     L = int(kw.get("num_hidden_layers", ModelConfig.__dataclass_fields__["num_hidden_layers"].default))
     kw["indexer_types"] = _hf_indexer_types(d, L)

@@ -41,26 +41,42 @@ class MTPBlock(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def step(self, h_prev_TD, emb_TD, cos, sin, ks, ke, *, mode="sparse", indexer_loss=None, cache=None):
-        """One MTP step: (h^k [T, D] normed, indexer loss or None). Logits: model.lm_head(h^k)."""
+    def step(self, h_prev_TD, emb_TD, cos, sin, ks, ke, *, mode="sparse", indexer_loss=None, cache=None,
+             prev_topk_TK=None):
+        """One MTP step: (h^k [T, D] normed, the top-k it used, indexer loss or None).
+
+        Logits: model.lm_head(h^k). With prev_topk_TK (GLM-5.2's index_share_for_mtp_iteration, steps
+        after the first) the block reuses that selection instead of running its indexer.
+        """
         x = self.eh_proj(torch.cat([self.enorm(emb_TD), self.hnorm(h_prev_TD)], dim=-1))
-        h, _, loss = DecoderLayer.forward(self, x, cos, sin, ks, ke, mode=mode, indexer_loss=indexer_loss, cache=cache)
-        return self.shared_head.norm(h), loss
+        h, topk, loss = DecoderLayer.forward(
+            self, x, cos, sin, ks, ke, prev_topk_TK=prev_topk_TK, reuse_topk=prev_topk_TK is not None,
+            mode=mode, indexer_loss=indexer_loss, cache=cache,
+        )
+        return self.shared_head.norm(h), topk, loss
 
 
-def mtp_losses(model, h_TD, ids_T, labels_T, cos, sin, ks, ke, ends, steps: int, *, mode="sparse") -> list[torch.Tensor]:
-    """Cross-entropy of each MTP step k = 1..steps (step k predicts labels[t+k+1] of the same document).
+def mtp_losses(
+    model, h_TD, ids_T, labels_T, cos, sin, ks, ke, ends, steps: int, *, mode="sparse", indexer_loss=None
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Cross-entropy of each MTP step k = 1..steps (step k predicts labels[t+k+1] of the same document),
+    and the MTP block's indexer loss summed over the steps (None unless indexer_loss is set).
 
     model: the GLM5ForCausalLM (for its embedding, MTP block and head); h_TD: its final-normed hidden;
     ends [T]: one past each token's document end. Inputs past the document end are masked out.
     """
     T = ids_T.shape[0]
     t = torch.arange(T, device=ids_T.device)
-    h = h_TD
-    out = []
+    share = model.config.index_share_for_mtp_iteration
+    h, topk = h_TD, None
+    out, idx_losses = [], []
     for k in range(1, steps + 1):
         src = t + k
         tok = torch.where(src < ends, ids_T[src.clamp(max=max(T - 1, 0))], torch.zeros_like(ids_T))
-        h, _ = model.mtp.step(h, model.model.embed_tokens(tok), cos, sin, ks, ke, mode=mode)
+        h, first_topk, idx_loss = model.mtp.step(h, model.model.embed_tokens(tok), cos, sin, ks, ke, mode=mode,
+                                                 indexer_loss=indexer_loss, prev_topk_TK=topk if share else None)
+        topk = topk if topk is not None else first_topk
+        if idx_loss is not None:
+            idx_losses.append(idx_loss)
         out.append(cross_entropy(model.lm_head(h), shifted_targets(labels_T, ks, ends, k + 1)))
-    return out
+    return out, (torch.stack(idx_losses).sum() if idx_losses else None)

@@ -81,11 +81,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if mlp_type == "sparse" else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h_TD, cos, sin, ks, ke, *, prev_topk_TK=None, mode="sparse", indexer_loss=None, cache=None):
+    def forward(self, h_TD, cos, sin, ks, ke, *, prev_topk_TK=None, reuse_topk=False, mode="sparse",
+                indexer_loss=None, cache=None):
         """Returns (h_TD, topk_TK, indexer_loss or None)."""
         a = self.self_attn(
-            self.input_layernorm(h_TD), cos, sin, ks, ke,
-            prev_topk_TK=prev_topk_TK, mode=mode, indexer_loss=indexer_loss, cache=cache,
+            self.input_layernorm(h_TD), cos, sin, ks, ke, prev_topk_TK=prev_topk_TK, reuse_topk=reuse_topk,
+            mode=mode, indexer_loss=indexer_loss, cache=cache,
         )
         h_TD = h_TD + a.out_TD
         h_TD = h_TD + self.mlp(self.post_attention_layernorm(h_TD))
@@ -126,7 +127,7 @@ class CausalLMOutput:
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # mean over the MTP steps
     mtp_losses: list[torch.Tensor] | None = None  # one per step (step k predicts token t+k+1)
-    indexer_loss: torch.Tensor | None = None  # summed over layers, per token
+    indexer_loss: torch.Tensor | None = None  # summed over layers (and MTP steps when training MTP), per token
 
 
 def shifted_targets(labels_T: torch.Tensor, ks: torch.Tensor, ke_doc: torch.Tensor, shift: int) -> torch.Tensor:
@@ -244,9 +245,12 @@ class GLM5ForCausalLM(nn.Module):
         if self.mtp is not None and steps > 0:
             from .mtp import mtp_losses
 
-            out.mtp_losses = mtp_losses(self, h_TD, ids_T, labels_T, cos, sin, ks, ke, ends, steps, mode=mode)
+            out.mtp_losses, mtp_idx_loss = mtp_losses(self, h_TD, ids_T, labels_T, cos, sin, ks, ke, ends, steps,
+                                                      mode=mode, indexer_loss=indexer_loss)
             out.mtp_loss = torch.stack(out.mtp_losses).mean()
             loss = loss + mtp_loss_weight * out.mtp_loss
+            if mtp_idx_loss is not None:  # the MTP block's indexer trains like the main layers'
+                out.indexer_loss = out.indexer_loss + mtp_idx_loss / max(1, B * S)
         if out.indexer_loss is not None:
             loss = loss + indexer_loss_weight * out.indexer_loss
         out.loss = loss
