@@ -37,6 +37,7 @@ TORCH_LIBRARY(glm5, m) {
         " -> (Tensor dq_idx, Tensor dk_idx, Tensor dw)");
 
   // ---- Mixture of experts ---------------------------------------------------------------------
+  m.set_python_module("glm5.ops.moe");  // where the MoE fake kernels are registered
   // Sigmoid router: select by scores + bias (optionally group-limited), weight by the plain scores.
   m.def("moe_route(Tensor logits, Tensor? bias, int topk, int n_group=1, int topk_group=1,"
         " bool norm_topk_prob=True, float routed_scaling_factor=1.0) -> (Tensor topk_idx, Tensor topk_w)");
