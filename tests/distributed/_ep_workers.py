@@ -177,6 +177,38 @@ def worker(rank: int, world: int, store_path: str, cases: list[Case]) -> None:
         raise AssertionError("\n".join(failures))
 
 
+def two_calls_one_backward(case: Case, inp: dict[str, torch.Tensor], group=None):
+    """Two forwards of one module (two layers sharing the exchange buffers) before one backward.
+
+    Returns the function that asserts the gradients equal the references' (a collective now)."""
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
+    inp_b = dict(inp, x=inp["x"] * 0.5 + 1)  # same routing, other rows
+    ref_a, ref_b = reference(case, inp), reference(case, inp_b)
+    lo = sum(case.tokens[:rank])
+    mine = slice(lo, lo + case.tokens[rank])
+    ep = ExpertParallel.from_full_weights(inp["w_gate_up"], inp["w_down"], group)
+    xa = inp["x"][mine].clone().requires_grad_()
+    xb = inp_b["x"][mine].clone().requires_grad_()
+    out_a = ep(xa, inp["topk_idx"][mine], inp["topk_w"][mine])
+    out_b = ep(xb, inp["topk_idx"][mine], inp["topk_w"][mine])
+    g = inp["grad_out"][mine]
+    ((out_a * g).sum() + (out_b * g).sum()).backward()
+    experts = slice(ep.expert_start, ep.expert_end)
+    tol = {} if case.dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+
+    def check() -> None:
+        pairs = {
+            "dx (first call)": (_grad(xa), ref_a["dx"][mine]),
+            "dx (second call)": (_grad(xb), ref_b["dx"][mine]),
+            "dw_gate_up (both calls)": (_grad(ep.w_gate_up), (ref_a["dw_gate_up"] + ref_b["dw_gate_up"])[experts]),
+            "dw_down (both calls)": (_grad(ep.w_down), (ref_a["dw_down"] + ref_b["dw_down"])[experts]),
+        }
+        for what, (a, b) in pairs.items():
+            torch.testing.assert_close(a, b, msg=lambda m, what=what: f"{case} {what}: {m}", **tol)
+
+    return check
+
+
 def run_case(case: Case) -> None:
     """All checks of one case on this rank. Every rank calls it; the collective work all runs before
     the first assertion, so that a failing rank cannot leave the others waiting in a collective."""
@@ -185,7 +217,9 @@ def run_case(case: Case) -> None:
     got = expert_parallel(case, inp)
     again = expert_parallel(case, inp)  # run-twice determinism: bitwise equal
     dispatch_check = check_dispatch(case, inp)
+    buffers_check = two_calls_one_backward(case, inp)
     for key in ("out", "dx", "dtopk_w", "dw_gate_up", "dw_down"):
         assert torch.equal(got[key], again[key]), f"{case} {key}: two runs differ"
     dispatch_check()
     compare(case, got, ref)
+    buffers_check()

@@ -33,7 +33,7 @@ import glm5
 
 from .ep_layout import block_transpose_index, group_offsets, local_expert_range, shard_experts
 
-__all__ = ["ExpertParallel", "DispatchHandle", "all_to_all_autograd"]
+__all__ = ["ExpertParallel", "DispatchHandle", "ExchangeBuffers", "all_to_all_autograd"]
 
 
 def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -43,8 +43,9 @@ def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, out=None) -> torch.Tensor:
+    if out is None:
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
 
@@ -53,39 +54,76 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single along dim 0 with uneven splits; the backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
+    def forward(ctx, x, out_splits, in_splits, group, out):
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _all_to_all(x, out_splits, in_splits, group)
+        return _all_to_all(x, out_splits, in_splits, group, out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _all_to_all(grad_out, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+        return _all_to_all(grad_out, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None, None
 
 
-def all_to_all_autograd(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+def all_to_all_autograd(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Differentiable `dist.all_to_all_single` of the rows of x.
 
     Args:
         x [sum(in_splits), ...]: rows sent to rank r are x[sum(in_splits[:r]) : sum(in_splits[:r+1])].
         out_splits / in_splits: rows received from / sent to each rank of `group`.
+        out: where to receive (x's dtype, [sum(out_splits), ...]); a new tensor when None. The
+            backward always allocates.
     Returns:
         [sum(out_splits), ...]: the rows received from rank 0, then rank 1, ...
     """
-    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group, out)
 
 
 class _Permute(torch.autograd.Function):
     """y = x[idx] for a permutation idx whose inverse inv is known; the backward is a gather too."""
 
     @staticmethod
-    def forward(ctx, x, idx, inv):
+    def forward(ctx, x, idx, inv, out):
         ctx.save_for_backward(inv)
-        return x.index_select(0, idx)
+        return x.index_select(0, idx) if out is None else torch.index_select(x, 0, idx, out=out)
 
     @staticmethod
     def backward(ctx, grad_out):
         (inv,) = ctx.saved_tensors
-        return grad_out.index_select(0, inv), None, None
+        return grad_out.index_select(0, inv), None, None, None
+
+
+class ExchangeBuffers:
+    """Scratch rows that the exchanges reuse from call to call and from layer to layer.
+
+    Two tensors of a forward die inside it: the rows the dispatch receives (read once, by the
+    regroup) and the rows the combine sends (written by the inverse regroup, read by the
+    all-to-all). Nothing saves them for the backward, so one buffer per (role, device, dtype, row
+    shape) can serve every ExpertParallel module of the process, which spares the allocator (on
+    CPU: fresh pages, faulted in on every call) two buffers of M rows per layer. Not thread-safe;
+    `clear()` frees the memory; enabled=False allocates afresh on every call.
+    """
+
+    def __init__(self, enabled: bool = True, headroom: float = 1.125):
+        self.enabled, self.headroom = enabled, headroom
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def rows(self, role: str, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        """[n, *like.shape[1:]] rows of the `role` buffer (None when disabled)."""
+        if not self.enabled:
+            return None
+        key = (role, like.device, like.dtype, tuple(like.shape[1:]))
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape[0] < n:
+            self._bufs.pop(key, None)  # free the old one before allocating the larger one
+            buf = self._bufs[key] = like.new_empty((int(n * self.headroom) + 1, *like.shape[1:]))
+        return buf[:n]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+_SHARED_BUFFERS = ExchangeBuffers()
 
 
 @dataclass
@@ -116,7 +154,8 @@ class ExpertParallel(nn.Module):
     `glm5.ops.moe_experts(x, topk_idx, topk_w, w_gate_up_full, w_down_full)` on this rank's tokens,
     with every rank calling forward (collectively) on its own tokens; N may differ between ranks and
     may be 0. The backward is collective too: every rank runs it, and x.requires_grad must be the
-    same on every rank.
+    same on every rank. `buffers` (default: one ExchangeBuffers shared by the whole process) holds
+    the scratch rows of the exchanges.
     """
 
     def __init__(
@@ -128,9 +167,11 @@ class ExpertParallel(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        buffers: ExchangeBuffers | None = None,
     ):
         super().__init__()
         self.group = group
+        self.buffers = _SHARED_BUFFERS if buffers is None else buffers
         self.world_size, self.rank = _group_size_rank(group)
         self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
         self.expert_start, self.expert_end = local_expert_range(num_experts, self.world_size, self.rank)
@@ -150,11 +191,16 @@ class ExpertParallel(nn.Module):
 
     @classmethod
     def from_full_weights(
-        cls, w_gate_up: torch.Tensor, w_down: torch.Tensor, group: dist.ProcessGroup | None = None
+        cls,
+        w_gate_up: torch.Tensor,
+        w_down: torch.Tensor,
+        group: dist.ProcessGroup | None = None,
+        *,
+        buffers: ExchangeBuffers | None = None,
     ) -> ExpertParallel:
         """A module holding this rank's shard of the full weights w_gate_up [E, 2F, D], w_down [E, D, F]."""
         E, two_f, D = w_gate_up.shape
-        module = cls(E, D, two_f // 2, group, device=w_gate_up.device, dtype=w_gate_up.dtype)
+        module = cls(E, D, two_f // 2, group, device=w_gate_up.device, dtype=w_gate_up.dtype, buffers=buffers)
         module.load_full_weights(w_gate_up, w_down)
         return module
 
@@ -197,13 +243,15 @@ class ExpertParallel(nn.Module):
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one sync
         # Dropped slots (expert -1) sort last in x_sorted and are not sent.
-        x_recv = all_to_all_autograd(x_sorted[: sum(send_splits)], recv_splits, send_splits, self.group)
+        send = x_sorted[: sum(send_splits)]
         if El == 1:  # one expert per rank: rows grouped by source are already grouped by expert
+            x_recv = all_to_all_autograd(send, recv_splits, send_splits, self.group)
             return x_recv, group_offsets(recv_counts), DispatchHandle(row_map, send_splits, recv_splits, None, None)
         M = sum(recv_splits)
+        x_recv = all_to_all_autograd(send, recv_splits, send_splits, self.group, out=self.buffers.rows("recv", M, x))
         regroup = block_transpose_index(recv_counts, M)
         ungroup = block_transpose_index(recv_counts.t(), M)
-        x_local = _Permute.apply(x_recv, regroup, ungroup)
+        x_local = _Permute.apply(x_recv, regroup, ungroup, None)
         return x_local, group_offsets(recv_counts), DispatchHandle(row_map, send_splits, recv_splits, regroup, ungroup)
 
     def experts(self, x_local: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -220,7 +268,11 @@ class ExpertParallel(nn.Module):
 
     def combine(self, y_local: torch.Tensor, handle: DispatchHandle, topk_w: torch.Tensor) -> torch.Tensor:
         """Return the expert outputs to their tokens' ranks and sum them weighted by topk_w: -> [N, D]."""
-        y_recv = y_local if handle.ungroup is None else _Permute.apply(y_local, handle.ungroup, handle.regroup)
+        if handle.ungroup is None:
+            y_recv = y_local
+        else:
+            send = self.buffers.rows("send", y_local.shape[0], y_local)
+            y_recv = _Permute.apply(y_local, handle.ungroup, handle.regroup, send)
         if self.world_size == 1:
             y_sorted = y_recv
         else:
