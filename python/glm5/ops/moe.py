@@ -117,6 +117,7 @@ def moe_experts(
     """
     if not use_kernel():
         return reference.moe_experts(x, topk_idx, topk_w, w_gate_up, w_down)
+    reference.check_experts_shapes(x, topk_idx, topk_w, w_gate_up, w_down)
     E, two_f, _ = w_gate_up.shape
     x_sorted, row_map, offsets = torch.ops.glm5.moe_permute(x, topk_idx, E, 1)
     gate, up = torch.ops.glm5.grouped_gemm(x_sorted, w_gate_up, offsets, False).split(two_f // 2, dim=-1)

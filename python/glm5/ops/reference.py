@@ -450,6 +450,20 @@ def grouped_gemm_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor)
     return torch.stack([dy[off[e] : off[e + 1]].T @ x[off[e] : off[e + 1]] for e in range(E)])
 
 
+def check_experts_shapes(x, topk_idx, topk_w, w_gate_up, w_down) -> None:
+    """x [N, D], topk_idx / topk_w [N, k], w_gate_up [E, 2F, D], w_down [E, D, F] (reads no data)."""
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError("x must be [N, D], w_gate_up [E, 2F, D] and w_down [E, D, F]")
+    E, two_f, D = w_gate_up.shape
+    if x.shape[1] != D or two_f % 2 or tuple(w_down.shape) != (E, D, two_f // 2):
+        raise ValueError(
+            f"shapes do not match: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)} [E, 2F, D], "
+            f"w_down {tuple(w_down.shape)} [E, D, F]"
+        )
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0] or topk_w.shape != topk_idx.shape:
+        raise ValueError(f"topk_idx and topk_w must be [N={x.shape[0]}, k], got {tuple(topk_idx.shape)}, {tuple(topk_w.shape)}")
+
+
 def moe_experts(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
@@ -462,16 +476,9 @@ def moe_experts(
         [N, D] in x's dtype: sum_j topk_w[n,j] * down_e(silu(gate_e(x[n])) * up_e(x[n])) with
         e = topk_idx[n, j]. GEMMs and SwiGLU run in x's dtype, the weighted sum in fp32.
     """
-    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
-        raise ValueError("x must be [N, D], w_gate_up [E, 2F, D] and w_down [E, D, F]")
-    E, two_f, D = w_gate_up.shape
-    if x.shape[1] != D or two_f % 2 or tuple(w_down.shape) != (E, D, two_f // 2):
-        raise ValueError(
-            f"shapes do not match: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, w_down {tuple(w_down.shape)}"
-        )
+    check_experts_shapes(x, topk_idx, topk_w, w_gate_up, w_down)
+    E = w_gate_up.shape[0]
     check_expert_idx(topk_idx, E)
-    if topk_idx.shape[0] != x.shape[0] or topk_w.shape != topk_idx.shape:
-        raise ValueError(f"topk_idx and topk_w must be [N={x.shape[0]}, k], got {tuple(topk_idx.shape)}, {tuple(topk_w.shape)}")
     dt = acc_dtype(x)
     out = x.new_zeros(x.shape, dtype=dt)
     for e in range(E):
