@@ -25,10 +25,12 @@ TORCH_LIBRARY(glm5, m) {
   m.def("indexer_topk(Tensor q, Tensor k, Tensor w, Tensor ks, Tensor ke, int topk)"
         " -> (Tensor indices, Tensor scores)");
   // Sparse MLA in MQA (absorbed) form: every head of query t attends to kv[indices[t]].
+  m.set_python_module("glm5.ops.sparse_attention");  // where its fake kernels are registered
   m.def("sparse_mla_fwd(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v)"
         " -> (Tensor out, Tensor lse)");
   m.def("sparse_mla_bwd(Tensor grad_out, Tensor q, Tensor kv, Tensor indices, Tensor out, Tensor lse,"
         " float sm_scale, int d_v) -> (Tensor dq, Tensor dkv)");
+  m.set_python_module("glm5.ops");
   // Indexer training loss: per-query KL(p_t || softmax(indexer logits_t)); dense when indices is None.
   m.def("indexer_kl_loss_fwd(Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor kv, Tensor lse,"
         " Tensor ks, Tensor ke, float sm_scale, Tensor? indices=None) -> Tensor");
