@@ -18,6 +18,7 @@ TORCH_LIBRARY(glm5, m) {
 
   // ---- DeepSeek Sparse Attention ------------------------------------------------------------
   // Lightning indexer: logits[t,s] = sum_j w[t,j] * relu(q[t,j,:] . k[s,:]) for ks[t] <= s < ke[t].
+  m.set_python_module("glm5.ops.lightning_indexer");  // where its fake kernels are registered
   m.def("indexer_logits(Tensor q, Tensor k, Tensor w, Tensor ks, Tensor ke) -> Tensor");
   m.def("indexer_logits_bwd(Tensor grad, Tensor q, Tensor k, Tensor w, Tensor ks, Tensor ke)"
         " -> (Tensor dq, Tensor dk, Tensor dw)");

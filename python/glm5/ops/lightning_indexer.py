@@ -48,20 +48,28 @@ def _fp32_like(t: torch.Tensor) -> torch.dtype:
     return reference.acc_dtype(t)
 
 
+def _check_devices(q: torch.Tensor, *others: torch.Tensor) -> None:
+    for name, t in zip(("k", "w", "ks", "ke"), others):
+        torch._check(t.device == q.device, lambda: f"{name} is on {t.device} but q is on {q.device}")
+
+
 if glm5.HAS_EXT:
 
     @torch.library.register_fake("glm5::indexer_logits")
     def _(q, k, w, ks, ke):
         torch._check(q.dim() == 3 and k.dim() == 2 and w.dim() == 2, lambda: "indexer_logits: bad ranks")
+        _check_devices(q, k, w, ks, ke)
         return q.new_empty((q.shape[0], k.shape[0]), dtype=_fp32_like(q))
 
     @torch.library.register_fake("glm5::indexer_logits_bwd")
     def _(grad, q, k, w, ks, ke):
+        _check_devices(q, k, w, ks, ke)
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(w)
 
     @torch.library.register_fake("glm5::indexer_topk")
     def _(q, k, w, ks, ke, topk):
         torch._check(topk > 0, lambda: f"topk must be positive, got {topk}")
+        _check_devices(q, k, w, ks, ke)
         T = q.shape[0]
         return q.new_empty((T, topk), dtype=torch.int32), q.new_empty((T, topk), dtype=_fp32_like(q))
 
