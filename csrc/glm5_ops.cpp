@@ -33,6 +33,7 @@ TORCH_LIBRARY(glm5, m) {
         " float sm_scale, int d_v) -> (Tensor dq, Tensor dkv)");
   m.set_python_module("glm5.ops");
   // Indexer training loss: per-query KL(p_t || softmax(indexer logits_t)); dense when indices is None.
+  m.set_python_module("glm5.ops.indexer_loss");  // where its fake kernels are registered
   m.def("indexer_kl_loss_fwd(Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor kv, Tensor lse,"
         " Tensor ks, Tensor ke, float sm_scale, Tensor? indices=None) -> Tensor");
   m.def("indexer_kl_loss_bwd(Tensor grad, Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor kv,"
