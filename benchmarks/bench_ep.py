@@ -15,7 +15,9 @@ experts per token) and the benchmark times, interleaved rep by rep:
           regroup, the weighted moe_unpermute), so "excess" = (ep - bare) / gather near 4 means
           the layout work costs what it must and nothing more.
 
-A rep's time is the slowest rank's; the table gives medians and ep / bare (target <= 1.2). With
+A rep's time is the slowest rank's; the table gives medians and ep / bare (target <= 1.2), and, as
+a check that is less sensitive to other load on the machine, the ratio of the CPU time all ranks
+spent (user + system, all threads: copies, socket I/O, layout work). With
 --backward the ep and bare rows also run the backward (ep: autograd through both exchanges; bare:
 two more all-to-alls).
 
@@ -64,11 +66,12 @@ SHAPES = {
 }
 
 
-def _timed(fn) -> float:
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads, user + system) of fn()."""
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def worker(rank: int, world: int, store: str, shapes: list[Shape], args: argparse.Namespace, out_path: str) -> None:
@@ -141,10 +144,13 @@ def worker(rank: int, world: int, store: str, shapes: list[Shape], args: argpars
             for fn in variants.values():
                 fn()
         times = torch.zeros(len(variants), args.reps, dtype=torch.float64)
+        cpu = torch.zeros_like(times)
         for r in range(args.reps):  # interleaved, so that load drift hits all variants alike
             for v, fn in enumerate(variants.values()):
-                times[v, r] = _timed(fn)
+                times[v, r], cpu[v, r] = _timed(fn)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a rep lasts as long as its slowest rank
+        dist.all_reduce(cpu, op=dist.ReduceOp.SUM)  # the work all ranks did, waiting aside
+        cpu_med = {name: statistics.median(cpu[v].tolist()) for v, name in enumerate(variants)}
 
         elt = torch.finfo(dtype).bits // 8
         med = {name: statistics.median(times[v].tolist()) for v, name in enumerate(variants)}
@@ -157,7 +163,9 @@ def worker(rank: int, world: int, store: str, shapes: list[Shape], args: argpars
             **{f"{name}_ms": 1e3 * t for name, t in med.items()},
             **{f"{name}_p20_ms": 1e3 * sorted(times[v].tolist())[int(0.2 * args.reps)] for v, name in enumerate(variants)},
             **{f"{name}_p80_ms": 1e3 * sorted(times[v].tolist())[int(0.8 * args.reps)] for v, name in enumerate(variants)},
+            **{f"{name}_cpu_ms": 1e3 * t for name, t in cpu_med.items()},
             "ep_over_bare": med["ep"] / med["bare"],
+            "ep_over_bare_cpu": cpu_med["ep"] / cpu_med["bare"],
             "ep_over_bare_alloc": med["ep"] / med["bare_alloc"],
             "excess_in_gathers": (med["ep"] - med["bare"]) / med["gather"],
             "bare_gb_s_per_rank": (4 if args.backward else 2) * N * k * D * elt / med["bare"] / 1e9,
@@ -190,12 +198,12 @@ def main() -> None:
             rows += json.loads(Path(part).read_text())
             print(f"world {world}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    hdr = f"{'W':>2} {'shape':<7} {'N/rank':>6} {'D':>5} {'MB/rank':>8} {'bare ms':>9} {'+alloc ms':>9} {'ep ms':>9} {'fresh ms':>9} {'ep/bare':>8} {'ep/+alloc':>9} {'counts ms':>9} {'gather ms':>9} {'excess':>6} {'bare GB/s':>9}"
+    hdr = f"{'W':>2} {'shape':<7} {'N/rank':>6} {'D':>5} {'MB/rank':>8} {'bare ms':>9} {'+alloc ms':>9} {'ep ms':>9} {'fresh ms':>9} {'ep/bare':>8} {'ep/+alloc':>9} {'cpu ratio':>9} {'counts ms':>9} {'gather ms':>9} {'excess':>6} {'bare GB/s':>9}"
     print(hdr)
     for r in rows:
         print(
             f"{r['world']:>2} {r['shape']:<7} {r['tokens_per_rank']:>6} {r['dim']:>5} {r['mb_sent_per_rank']:>8.1f} "
-            f"{r['bare_ms']:>9.2f} {r['bare_alloc_ms']:>9.2f} {r['ep_ms']:>9.2f} {r['ep_fresh_ms']:>9.2f} {r['ep_over_bare']:>8.3f} {r['ep_over_bare_alloc']:>9.3f} {r['counts_ms']:>9.2f} {r['gather_ms']:>9.2f} {r['excess_in_gathers']:>6.2f} {r['bare_gb_s_per_rank']:>9.3f}"
+            f"{r['bare_ms']:>9.2f} {r['bare_alloc_ms']:>9.2f} {r['ep_ms']:>9.2f} {r['ep_fresh_ms']:>9.2f} {r['ep_over_bare']:>8.3f} {r['ep_over_bare_alloc']:>9.3f} {r['ep_over_bare_cpu']:>9.3f} {r['counts_ms']:>9.2f} {r['gather_ms']:>9.2f} {r['excess_in_gathers']:>6.2f} {r['bare_gb_s_per_rank']:>9.3f}"
         )
     path = write_json(args.out, {"benchmark": "bench_ep", "command": " ".join(sys.argv), "args": vars(args) | {"out": str(args.out)}, "rows": rows})
     print(f"wrote {path}", file=sys.stderr)

@@ -23,6 +23,7 @@ from glm5.distributed import (
     all_to_all_autograd,
     block_transpose_index,
     group_offsets,
+    inverse_permutation,
     local_expert_range,
     shard_experts,
 )
@@ -73,6 +74,7 @@ def test_block_transpose_inverse(grid):
     idx, inv = block_transpose_index(c, total), block_transpose_index(c.t(), total)
     assert torch.equal(idx[inv], torch.arange(total))
     assert torch.equal(inv[idx], torch.arange(total))
+    assert torch.equal(inverse_permutation(idx), inv)
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["local_expert_range", "shard_experts", "block_transpose_index", "group_offsets"]
+__all__ = ["local_expert_range", "shard_experts", "block_transpose_index", "inverse_permutation", "group_offsets"]
 
 
 def local_expert_range(num_experts: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -58,6 +58,11 @@ def block_transpose_index(counts_AB: torch.Tensor, total: int | None = None) -> 
     block = torch.repeat_interleave(torch.arange(c_t.numel(), device=c.device), c_t, output_size=total)
     within = torch.arange(total, device=c.device) - dst_start[block]
     return src_start.t().reshape(-1)[block] + within
+
+
+def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
+    """inv [M] int64 with inv[idx[i]] = i, for a permutation idx [M] of 0..M-1."""
+    return torch.empty_like(idx).scatter_(0, idx, torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype))
 
 
 def group_offsets(counts_WL: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 
 import glm5
 
-from .ep_layout import block_transpose_index, group_offsets, local_expert_range, shard_experts
+from .ep_layout import block_transpose_index, group_offsets, inverse_permutation, local_expert_range, shard_experts
 
 __all__ = ["ExpertParallel", "DispatchHandle", "ExchangeBuffers", "all_to_all_autograd"]
 
@@ -250,7 +250,7 @@ class ExpertParallel(nn.Module):
         M = sum(recv_splits)
         x_recv = all_to_all_autograd(send, recv_splits, send_splits, self.group, out=self.buffers.rows("recv", M, x))
         regroup = block_transpose_index(recv_counts, M)
-        ungroup = block_transpose_index(recv_counts.t(), M)
+        ungroup = inverse_permutation(regroup)
         x_local = _Permute.apply(x_recv, regroup, ungroup, None)
         return x_local, group_offsets(recv_counts), DispatchHandle(row_map, send_splits, recv_splits, regroup, ungroup)
 
