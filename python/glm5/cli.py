@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what glm5 was built with and which kernels are registered")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_info)
+
+    from . import cli_generate
+
+    cli_generate.add_parser(sub)
     return parser
 
 

@@ -271,7 +271,8 @@ class MLAttention(nn.Module):
             mode: one of ATTN_MODES.
             indexer_loss: None, "sparse" (KL over the selected keys) or "dense" (KL over every visible
                 key; needs mode="dense"). The indexer's inputs are detached: it learns from this only.
-            cache: optional KV cache; `update` appends this call's latent and indexer keys.
+            cache: optional KV cache; `update` appends this call's latent and indexer keys, and an
+                `indexer_topk` method, when it has one, replaces glm5.ops.indexer_topk (same contract).
         """
         if mode not in ATTN_MODES:
             raise ValueError(f"attention mode must be one of {ATTN_MODES}, got {mode!r}")
@@ -291,7 +292,9 @@ class MLAttention(nn.Module):
         if mode != "dense":
             if own_topk:
                 K = min(self.cfg.index_topk, S)
-                topk_TK, _ = glm5.ops.indexer_topk(idx_q, idx_k, idx_w.to(idx_q.dtype), ks, ke, K)
+                # A cache may route the selection (PackedKVCache: one call per packed sequence).
+                select = getattr(cache, "indexer_topk", None) or glm5.ops.indexer_topk
+                topk_TK, _ = select(idx_q, idx_k, idx_w.to(idx_q.dtype), ks, ke, K)
             elif prev_topk_TK is None:
                 raise ValueError(f"layer {self.layer_idx} shares its indexer but got no top-k from an earlier layer")
             else:

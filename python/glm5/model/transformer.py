@@ -256,6 +256,13 @@ class GLM5ForCausalLM(nn.Module):
         out.loss = loss
         return out
 
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, seed=None, **kw):
+        """Continue each prompt (a list of token ids): see glm5.model.generate.generate."""
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, **kw)
+
     # ---- checkpoints ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, *, dtype=None, device="cpu", **kw) -> "GLM5ForCausalLM":
