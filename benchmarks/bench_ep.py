@@ -2,26 +2,29 @@
 
 For each world size (Gloo processes on this machine, started with torch.multiprocessing.spawn) and
 each shape, every rank routes its tokens to top-k of E experts (uniformly at random, distinct
-experts per token) and the benchmark times, interleaved rep by rep:
+experts per token) and the benchmark times these variants, interleaved rep by rep:
 
-- ep:     ExpertParallel.dispatch + combine (no expert GEMMs: the dispatched rows go straight back):
-          moe_permute, the counts exchange, the uneven token all-to-all, the regroup by local
-          expert, the inverse regroup, the reverse all-to-all and the weighted moe_unpermute;
-- bare:   two dist.all_to_all_single calls moving the same rows with the same splits (there and
-          back) between preallocated buffers: the floor that the exchange itself costs;
-- counts: the counts exchange alone (a [W, E/W] int64 all-to-all plus the host copy of the splits);
-- gather: one row gather of the N*k dispatched rows into a fresh buffer: the unit of layout work.
-          ep does four such passes that bare does not (moe_permute, the regroup, the inverse
-          regroup, the weighted moe_unpermute), so "excess" = (ep - bare) / gather near 4 means
-          the layout work costs what it must and nothing more.
+- ep:         ExpertParallel.dispatch + combine with no expert GEMMs (the dispatched rows go
+              straight back): moe_permute, the counts exchange, the uneven token all-to-all, the
+              regroup by local expert, the inverse regroup, the reverse all-to-all and the
+              weighted moe_unpermute;
+- fresh:      ep with ExchangeBuffers disabled (every buffer newly allocated);
+- bare:       two dist.all_to_all_single calls moving the same rows with the same splits (there
+              and back) between preallocated buffers: what the exchange itself costs;
+- +alloc:     bare with each output allocated per call, as a plain call would;
+- counts:     the counts exchange alone (a [W, E/W] int64 all-to-all and the host copy of the splits);
+- gather:     one row gather of the N*k dispatched rows into a fresh buffer: the unit of layout work.
 
-A rep's time is the slowest rank's; the table gives medians and ep / bare (target <= 1.2), and, as
-a check that is less sensitive to other load on the machine, the ratio of the CPU time all ranks
-spent (user + system, all threads: copies, socket I/O, layout work). With
---backward the ep and bare rows also run the backward (ep: autograd through both exchanges; bare:
-two more all-to-alls).
+A rep's wall time is its slowest rank's; the table gives medians, ep / bare (target <= 1.2) and
+ep / +alloc. Because the machine is shared, it also gives the ratio of the CPU time all ranks spent
+(user + system, all threads: copies, socket I/O, layout work), which other load disturbs less, and
+"excess" = (ep - bare) / gather in CPU time: the layout work in units of one row-gather pass. The
+forward has four passes that bare does not (moe_permute, regroup, inverse regroup, moe_unpermute),
+so an excess near 4 means the layout costs what this design must and little more.
+With --backward, ep and the bare variants also run the backward (ep: autograd through both
+exchanges; bare: two more all-to-alls).
 
-    python benchmarks/bench_ep.py                          # 2 and 4 ranks, GLM-5 width + narrow
+    python benchmarks/bench_ep.py                    # 2 and 4 ranks; GLM-5 width, narrow, small
     python benchmarks/bench_ep.py --worlds 2 --shapes glm5 --reps 20
 """
 
@@ -64,6 +67,11 @@ SHAPES = {
     "narrow": Shape("narrow", tokens=1024, dim=1024),
     "small": Shape("small", tokens=64, dim=1024),
 }
+
+
+def _quantile(t: torch.Tensor, q: float) -> float:
+    xs = sorted(t.tolist())
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -139,7 +147,10 @@ def worker(rank: int, world: int, store: str, shapes: list[Shape], args: argpars
             dist.all_to_all_single(recv_counts, send_counts)
             torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
 
-        variants = {"ep": ep_step, "ep_fresh": ep_fresh_step, "bare": bare, "bare_alloc": bare_alloc, "counts": counts, "gather": gather}
+        variants = {
+            "ep": ep_step, "ep_fresh": ep_fresh_step, "bare": bare, "bare_alloc": bare_alloc,
+            "counts": counts, "gather": gather,
+        }
         for _ in range(args.warmup):
             for fn in variants.values():
                 fn()
@@ -161,13 +172,13 @@ def worker(rank: int, world: int, store: str, shapes: list[Shape], args: argpars
             "dtype": args.dtype, "backward": args.backward, "reps": args.reps,
             "mb_sent_per_rank": N * k * D * elt / 2**20, "max_rows_received": int(recv_rows),
             **{f"{name}_ms": 1e3 * t for name, t in med.items()},
-            **{f"{name}_p20_ms": 1e3 * sorted(times[v].tolist())[int(0.2 * args.reps)] for v, name in enumerate(variants)},
-            **{f"{name}_p80_ms": 1e3 * sorted(times[v].tolist())[int(0.8 * args.reps)] for v, name in enumerate(variants)},
+            **{f"{name}_p20_ms": 1e3 * _quantile(times[v], 0.2) for v, name in enumerate(variants)},
+            **{f"{name}_p80_ms": 1e3 * _quantile(times[v], 0.8) for v, name in enumerate(variants)},
             **{f"{name}_cpu_ms": 1e3 * t for name, t in cpu_med.items()},
             "ep_over_bare": med["ep"] / med["bare"],
             "ep_over_bare_cpu": cpu_med["ep"] / cpu_med["bare"],
             "ep_over_bare_alloc": med["ep"] / med["bare_alloc"],
-            "excess_in_gathers": (med["ep"] - med["bare"]) / med["gather"],
+            "excess_in_gathers": (cpu_med["ep"] - cpu_med["bare"]) / cpu_med["gather"],
             "bare_gb_s_per_rank": (4 if args.backward else 2) * N * k * D * elt / med["bare"] / 1e9,
         })
     dist.destroy_process_group()
@@ -175,8 +186,29 @@ def worker(rank: int, world: int, store: str, shapes: list[Shape], args: argpars
         Path(out_path).write_text(json.dumps(rows))
 
 
+# (title, row key, width, format) of the printed table; the JSON has every field.
+COLUMNS = [
+    ("W", "world", 2, ""),
+    ("shape", "shape", 7, ""),
+    ("N/rank", "tokens_per_rank", 6, ""),
+    ("D", "dim", 5, ""),
+    ("MB/rank", "mb_sent_per_rank", 7, ".1f"),
+    ("bare ms", "bare_ms", 8, ".2f"),
+    ("+alloc", "bare_alloc_ms", 8, ".2f"),
+    ("ep ms", "ep_ms", 8, ".2f"),
+    ("fresh", "ep_fresh_ms", 8, ".2f"),
+    ("ep/bare", "ep_over_bare", 7, ".2f"),
+    ("ep/+alloc", "ep_over_bare_alloc", 9, ".2f"),
+    ("cpu ratio", "ep_over_bare_cpu", 9, ".2f"),
+    ("counts", "counts_ms", 6, ".2f"),
+    ("gather", "gather_ms", 6, ".2f"),
+    ("excess", "excess_in_gathers", 6, ".1f"),
+    ("GB/s", "bare_gb_s_per_rank", 5, ".2f"),
+]
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="numbers of Gloo processes")
     p.add_argument("--shapes", nargs="+", default=["glm5", "narrow", "small"], choices=sorted(SHAPES))
     p.add_argument("--tokens", type=int, help="override the tokens per rank of every shape")
@@ -187,7 +219,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_ep.json")
     args = p.parse_args()
 
-    shapes = [SHAPES[s] if args.tokens is None else dataclasses.replace(SHAPES[s], tokens=args.tokens) for s in args.shapes]
+    shapes = [SHAPES[s] for s in args.shapes]
+    if args.tokens is not None:
+        shapes = [dataclasses.replace(s, tokens=args.tokens) for s in shapes]
     print(f"glm5 {glm5.__version__}, ops impl: {glm5.ops.get_impl()}, torch {torch.__version__}", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,14 +232,11 @@ def main() -> None:
             rows += json.loads(Path(part).read_text())
             print(f"world {world}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    hdr = f"{'W':>2} {'shape':<7} {'N/rank':>6} {'D':>5} {'MB/rank':>8} {'bare ms':>9} {'+alloc ms':>9} {'ep ms':>9} {'fresh ms':>9} {'ep/bare':>8} {'ep/+alloc':>9} {'cpu ratio':>9} {'counts ms':>9} {'gather ms':>9} {'excess':>6} {'bare GB/s':>9}"
-    print(hdr)
+    print(" ".join(f"{title:>{width}}" for title, _, width, _ in COLUMNS))
     for r in rows:
-        print(
-            f"{r['world']:>2} {r['shape']:<7} {r['tokens_per_rank']:>6} {r['dim']:>5} {r['mb_sent_per_rank']:>8.1f} "
-            f"{r['bare_ms']:>9.2f} {r['bare_alloc_ms']:>9.2f} {r['ep_ms']:>9.2f} {r['ep_fresh_ms']:>9.2f} {r['ep_over_bare']:>8.3f} {r['ep_over_bare_alloc']:>9.3f} {r['ep_over_bare_cpu']:>9.3f} {r['counts_ms']:>9.2f} {r['gather_ms']:>9.2f} {r['excess_in_gathers']:>6.2f} {r['bare_gb_s_per_rank']:>9.3f}"
-        )
-    path = write_json(args.out, {"benchmark": "bench_ep", "command": " ".join(sys.argv), "args": vars(args) | {"out": str(args.out)}, "rows": rows})
+        print(" ".join(f"{r[key]:>{width}{fmt}}" for _, key, width, fmt in COLUMNS))
+    payload = {"benchmark": "bench_ep", "command": " ".join(sys.argv), "args": vars(args) | {"out": str(args.out)}}
+    path = write_json(args.out, payload | {"rows": rows})
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -242,8 +242,8 @@ class ExpertParallel(nn.Module):
         recv_counts = torch.empty_like(send_counts)  # rows from each (source rank, my local expert)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one sync
-        # Dropped slots (expert -1) sort last in x_sorted and are not sent.
-        send = x_sorted[: sum(send_splits)]
+        n_send = sum(send_splits)  # dropped slots (expert -1) sort last and are not sent
+        send = x_sorted if n_send == x_sorted.shape[0] else x_sorted[:n_send]  # (a slice costs a backward copy)
         if El == 1:  # one expert per rank: rows grouped by source are already grouped by expert
             x_recv = all_to_all_autograd(send, recv_splits, send_splits, self.group)
             return x_recv, group_offsets(recv_counts), DispatchHandle(row_map, send_splits, recv_splits, None, None)
