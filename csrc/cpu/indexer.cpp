@@ -857,29 +857,35 @@ std::tuple<at::Tensor, at::Tensor> indexer_topk_cpu(const at::Tensor& q_, const 
 // pass 1 owns query blocks (dq, dw), pass 2 owns key blocks (dk) and recomputes d, so every output
 // row is summed by one thread in a fixed order: deterministic, no atomics.
 
-constexpr int64_t kBwdRowsPerBlock = 128;
-constexpr int64_t kBwdKeys = 256;
+constexpr int64_t kBwdRowsPerBlock = 256;
+constexpr int64_t kBwdKeys = 512;
 
 // P (in place over D = q_rows . k_chunk^T) for the queries [t0, t0 + tb) and keys [c0, c1); adds
-// sum_s grad * relu(d) to dw_rows when it is not null.
+// sum_s grad * relu(d) to dw_rows when it is not null (8 interleaved partial sums, a fixed order).
 template <typename acc_t>
 void make_p(acc_t* D, const acc_t* grad, const acc_t* w, const int32_t* ks, const int32_t* ke, int64_t S, int64_t HI,
             int64_t t0, int64_t tb, int64_t c0, int64_t c1, acc_t* dw_rows) {
   const int64_t n = c1 - c0;
   for (int64_t r = 0; r < tb * HI; ++r) {
     const int64_t t = t0 + r / HI;
-    const int64_t a = std::max<int64_t>(ks[t], c0) - c0, b = std::min<int64_t>(ke[t], c1) - c0;
+    const int64_t a = std::clamp<int64_t>(ks[t] - c0, 0, n), b = std::clamp<int64_t>(ke[t] - c0, a, n);
     acc_t* d = D + r * n;
     const acc_t* g = grad + t * S + c0;
     const acc_t wr = w[t0 * HI + r];
-    acc_t dw = 0;
-    for (int64_t s = 0; s < n; ++s) {
-      const bool vis = s >= a && s < b;
-      const acc_t ds = d[s];
-      if (vis) dw += g[s] * (ds < 0 ? acc_t(0) : ds);
-      d[s] = (vis && ds > 0) ? g[s] * wr : acc_t(0);
+    if (dw_rows) {
+      acc_t part[8] = {};
+      int64_t s = a;
+      for (; s + 8 <= b; s += 8) {
+        for (int l = 0; l < 8; ++l) part[l] += g[s + l] * (d[s + l] < 0 ? acc_t(0) : d[s + l]);
+      }
+      for (; s < b; ++s) part[0] += g[s] * (d[s] < 0 ? acc_t(0) : d[s]);
+      acc_t dw = 0;
+      for (int l = 0; l < 8; ++l) dw += part[l];
+      dw_rows[r] += dw;
     }
-    if (dw_rows) dw_rows[r] += dw;
+    std::fill(d, d + a, acc_t(0));
+    for (int64_t s = a; s < b; ++s) d[s] = d[s] > 0 ? g[s] * wr : acc_t(0);
+    std::fill(d + b, d + n, acc_t(0));
   }
 }
 
