@@ -470,13 +470,13 @@ def main(argv=None) -> dict:
         print(f"NOTE: timing the plain-PyTorch reference for {[k for k, v in impls.items() if v == 'reference']} "
               f"(no {device.type} kernel registered, or --impl reference)", file=sys.stderr)
 
+    machine = bu.machine_info(device)  # at the start: the commit measured, the load it started under
     progress = bu.Progress(len(args.seq_lens) * (1 + (not args.no_decode) + (not args.no_memory)))
     n = 8192 if device.type == "cuda" else 4096
     matmul = {"fn": bu.matmul_fn(dtype, device, n), "flops": bu.matmul_flops(n, n, n), "n": n}
     res = {
         "config": {"seq_lens": args.seq_lens, "queries": T, "dtype": args.dtype, "device": str(device), "quick": args.quick,
                    "shapes": dataclasses.asdict(SHAPES), "bench": bench_kw, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
-        "load_avg_1m_at_start": os.getloadavg()[0],
         "impls": impls,
         "glm5_ops": {op: glm5_info._backends(op) for op in ("indexer_topk", "sparse_mla_fwd")} if glm5.HAS_EXT else None,
         "prefill": [], "decode": [], "memory": [],
@@ -492,12 +492,12 @@ def main(argv=None) -> dict:
     res["matmul_ceiling"] = {"n": n, "dtype": args.dtype, "gflops_median": statistics.median(rates),
                              "gflops_min": min(rates), "gflops_max": max(rates)}
     res["targets"] = evaluate_targets(res["prefill"], res["memory"])
-    res["machine"] = bu.machine_info(device)
+    res["machine"] = machine | {"load_avg_1m_at_end": os.getloadavg()[0]}
 
     stem = args.out or bu.RESULTS_DIR / f"bench_dsa_{device.type}_{args.dtype}{'_quick' if args.quick else ''}"
     res["table"] = format_tables(res)
     print(res["table"])
-    path = bu.write_json(Path(f"{stem}.json"), {k: v for k, v in res.items() if k != "machine"}, device)
+    path = bu.write_json(Path(f"{stem}.json"), {k: v for k, v in res.items() if k != "machine"}, device, machine=res["machine"])
     plot(res, Path(f"{stem}.png"))
     print(f"\nwrote {path} and {Path(f'{stem}.png')}")
     return res

@@ -251,11 +251,12 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def write_json(path: Path | str, payload: dict, device: torch.device | str = "cpu") -> Path:
-    """Write payload plus {"machine": machine_info()} as indented JSON; returns the path."""
+def write_json(path: Path | str, payload: dict, device: torch.device | str = "cpu", machine: dict | None = None) -> Path:
+    """Write payload plus {"machine": machine} as indented JSON; returns the path. Pass the
+    machine_info() taken when the run started (the commit may move during a long run); default: now."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine_info(device), **payload}, indent=1, default=str) + "\n")
+    path.write_text(json.dumps({"machine": machine or machine_info(device), **payload}, indent=1, default=str) + "\n")
     return path
 
 
