@@ -100,7 +100,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (prompt b uses seed + b); also seeds --preset weights")
     p.add_argument("--speculative", type=int, nargs="?", const=0, default=None, metavar="N",
                    help="MTP speculative decoding (greedy) with N drafts per step (default: the config's mtp_steps)")
-    p.add_argument("--stop-ids", default=None, help="comma-separated stop token ids (default: the config's eos; 'none' = no stop)")
+    p.add_argument("--stop-ids", default=None,
+                   help="comma-separated stop token ids (default: the config's eos and the tokenizer's end-of-text; 'none' = no stop)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="model dtype (default: as loaded; fp32 for --preset)")
     p.add_argument("--attn-mode", choices=("sparse", "sparse_mha", "dense"), default=None)
     p.add_argument("--ops", choices=("auto", "kernel", "reference"), default="auto", help="glm5.ops implementation")
@@ -137,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("glm5 generate: give at least one --prompt or --prompt-ids")
 
-    if args.stop_ids is None:
+    if args.stop_ids is None:  # the config's eos ids and the tokenizer's end-of-text
         eos = cfg.eos_token_id
         stop = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        stop += [tok.eos_id] if tok is not None else []
     else:
         stop = [] if args.stop_ids.strip().lower() == "none" else _ids(args.stop_ids)
     spec = False if args.speculative is None else (True if args.speculative == 0 else args.speculative)

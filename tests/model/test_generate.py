@@ -338,5 +338,12 @@ def test_cli_generate_from_a_preset_and_from_a_checkpoint_with_a_tokenizer(tmp_p
     got = json.loads(cap.out.splitlines()[0])
     assert got["tokens"] == want and got["text"] == tok.decode(want) and got["mean_accept_length"] >= 1
     assert "mean accept length" in cap.err
+    # a glm5 training run folder (train.checkpoint format; config.json names the model under "model")
+    from glm5.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "run" / "checkpoints", 3, model=model, config={"model": model.config.to_dict()})
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "5,6,7", "--max-new-tokens", "4",
+                 "--stop-ids", "none", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == model.generate([[5, 6, 7]], 4)[0].tokens
     with pytest.raises(SystemExit, match="tokenizer"):
         main(["generate", "--preset", "debug", "--prompt", "hello"])
