@@ -2,15 +2,15 @@
 //
 //   logits[t,s] = sum_j w[t,j] * relu(q[t,j,:] . k[s,:])   for ks[t] <= s < ke[t], -inf elsewhere.
 //
-// Forward design. Queries are taken in blocks of ~256 (query, head) rows; each block streams the
+// Forward design. Queries are taken in blocks of ~512 (query, head) rows; each block streams the
 // keys it can see in chunks of kChunk. A chunk is scored by a register-tiled micro-kernel (the GEMM
 // q_block . k_chunk^T) whose epilogue applies relu, the head weight and the head sum in registers,
 // so only the [queries, chunk] scores ever reach memory. indexer_logits copies them out;
-// indexer_topk feeds them to a per-query selection buffer with a running threshold, so its extra
-// memory is O(T * topk + chunk) and never O(T * S).
+// indexer_topk feeds them to a per-query selection buffer with a running threshold (TopkBuffer), so
+// its extra memory is O(T * topk + chunk) and never O(T * S).
 //
-// Every score is a pure function of (q[t], k[s], w[t]): the micro-kernel computes each dot product
-// as one FMA chain over the head dimension and adds the heads in index order, whatever the block,
+// Every score is a pure function of (q[t], k[s], w[t]): a kernel computes each dot product as one
+// accumulation chain over the head dimension and adds the heads in index order, whatever the block,
 // chunk or thread that computes it. So indexer_logits and indexer_topk give bitwise-identical
 // scores, and both results are independent of the thread count. The selection order (score
 // descending, key index ascending) is a strict total order, so the selected set does not depend on
@@ -171,7 +171,8 @@ Plan make_plan(const int32_t* ks, const int32_t* ke, int64_t T, int64_t HI, int6
   for (int64_t b = 0; b < nblocks; ++b) {
     if (hi[b] == 0) continue;
     const int64_t nchunks = ceil_div(hi[b] - lo[b], kChunk);
-    const int64_t nseg = nonempty >= want ? 1 : std::max<int64_t>(1, std::min(ceil_div(want, nonempty), nchunks / seg_chunks));
+    const int64_t nseg =
+        nonempty >= want ? 1 : std::max<int64_t>(1, std::min(ceil_div(want, nonempty), nchunks / seg_chunks));
     plan.block_nseg[b] = nseg;
     const int64_t t0 = b * plan.tb, tb = std::min(T, t0 + plan.tb) - t0;
     for (int64_t g = 0; g < nseg; ++g) {

@@ -232,7 +232,8 @@ def test_bwd_exact_relu_at_zero():
     x = make_inputs(case)
     g = torch.randint(-3, 4, (case.T, case.S), generator=torch.Generator().manual_seed(1)).float()
     assert (torch.einsum("thd,sd->ths", x[0], x[1]) == 0).float().mean() > 0.05
-    for name, a, b in zip(("dq", "dk", "dw"), grads(glm5.ops.indexer_logits, x, g), grads(reference.indexer_logits, x, g)):
+    got, want = grads(glm5.ops.indexer_logits, x, g), grads(reference.indexer_logits, x, g)
+    for name, a, b in zip(("dq", "dk", "dw"), got, want):
         assert torch.equal(a, b), name
 
 
@@ -362,7 +363,11 @@ def run_all(x: tuple, topk: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_deterministic_and_thread_count_independent(dtype):
     # Few queries on a long context (keys split between threads) and many query blocks.
-    for case in (Case(T=3, S=9000, HI=8, DI=64, topk=500), Case(T=300, S=300, HI=4, DI=32, topk=50, layout="docs", docs=(100, 200))):
+    cases = (
+        Case(T=3, S=9000, HI=8, DI=64, topk=500),
+        Case(T=300, S=300, HI=4, DI=32, topk=50, layout="docs", docs=(100, 200)),
+    )
+    for case in cases:
         x = make_inputs(case, dtype)
         first, second = run_all(x, case.topk), run_all(x, case.topk)
         threads = torch.get_num_threads()
