@@ -55,15 +55,15 @@ def make_routing(case: Case, n: int, g: torch.Generator) -> torch.Tensor:
     raise ValueError(case.routing)
 
 
-def make_inputs(case: Case) -> dict[str, torch.Tensor]:
-    """Full (all ranks') inputs, identical on every rank."""
+def make_inputs(case: Case, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Full (all ranks') inputs, identical on every rank (drawn on the CPU, then moved)."""
     g = torch.Generator().manual_seed(case.seed)
     n, E, D, F = sum(case.tokens), case.experts, case.dim, case.ffn
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(case.dtype)
 
-    return {
+    inp = {
         "x": randn(n, D),
         "topk_idx": make_routing(case, n, g),
         "topk_w": torch.rand(n, case.topk, generator=g, dtype=torch.float64).float(),
@@ -71,6 +71,7 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
         "w_down": randn(E, D, F, scale=F**-0.5),
         "grad_out": randn(n, D),
     }
+    return {name: t.to(device) for name, t in inp.items()}
 
 
 def _run(fn, x, topk_idx, topk_w, w_gate_up, w_down, grad_out):
@@ -146,7 +147,7 @@ def check_dispatch(case: Case, inp: dict[str, torch.Tensor], group=None):
             rows.append(inp["x"][tok])
             n_e += tok.numel()
         counts.append(n_e)
-    expected_offsets = torch.tensor([0] + counts).cumsum(0)
+    expected_offsets = torch.tensor([0] + counts, device=offsets.device).cumsum(0)
 
     def check() -> None:
         assert torch.equal(offsets, expected_offsets), f"{case} offsets {offsets.tolist()} != {expected_offsets.tolist()}"
@@ -157,10 +158,17 @@ def check_dispatch(case: Case, inp: dict[str, torch.Tensor], group=None):
     return check
 
 
-def worker(rank: int, world: int, store_path: str, cases: list[Case]) -> None:
+def worker(rank: int, world: int, store_path: str, cases: list[Case], backend: str = "gloo") -> None:
+    """One rank: gloo on the CPU, or nccl on GPU `rank` (the reference ops where no CUDA kernel exists)."""
     torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("glm5::grouped_gemm", "CUDA"):
+            glm5.ops.set_impl("reference")
     dist.init_process_group(
-        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+        backend, init_method=f"file://{store_path}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
     failures = []
@@ -168,7 +176,7 @@ def worker(rank: int, world: int, store_path: str, cases: list[Case]) -> None:
         for case in cases:
             assert len(case.tokens) == world, case
             try:
-                run_case(case)
+                run_case(case, device)
             except Exception:  # keep going: the other ranks would otherwise block in a collective
                 failures.append(f"rank {rank}: {case}\n{traceback.format_exc()}")
     finally:
@@ -209,10 +217,10 @@ def two_calls_one_backward(case: Case, inp: dict[str, torch.Tensor], group=None)
     return check
 
 
-def run_case(case: Case) -> None:
+def run_case(case: Case, device: torch.device | str = "cpu") -> None:
     """All checks of one case on this rank. Every rank calls it; the collective work all runs before
     the first assertion, so that a failing rank cannot leave the others waiting in a collective."""
-    inp = make_inputs(case)
+    inp = make_inputs(case, device)
     ref = reference(case, inp)
     got = expert_parallel(case, inp)
     again = expert_parallel(case, inp)  # run-twice determinism: bitwise equal

@@ -3,7 +3,8 @@
 1. the layout functions, single-process, against naive Python loops;
 2. ExpertParallel under torch.multiprocessing.spawn with 2 and 4 Gloo/CPU ranks (one spawn per world
    size, all cases batched into it), output and gradients against single-process
-   glm5.ops.moe_experts on the same full inputs; and the world of one, in this process.
+   glm5.ops.moe_experts on the same full inputs; the world of one, in this process; and, on a
+   machine with 2 GPUs, the same cases over NCCL.
 """
 
 from __future__ import annotations
@@ -171,6 +172,14 @@ SPAWN_CASES = {
 @pytest.mark.parametrize("world", sorted(SPAWN_CASES))
 def test_gloo_ranks_match_moe_experts(world, tmp_path):
     mp.spawn(worker, args=(world, str(tmp_path / "store"), SPAWN_CASES[world]), nprocs=world, join=True)
+
+
+@pytest.mark.cuda
+def test_nccl_ranks_match_moe_experts(tmp_path):
+    """The same cases over NCCL, one GPU per rank (skipped with fewer than 2 GPUs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs (NCCL runs one rank per GPU)")
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), SPAWN_CASES[2], "nccl"), nprocs=2, join=True)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
