@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <optional>
@@ -384,9 +385,22 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cpu(const at::Tensor& grad,
 // Grouped GEMMs
 // ---------------------------------------------------------------------------------------------
 
-// Below this many rows per expert on average, run the experts in parallel (one thread each); above
-// it, one expert at a time with a multi-threaded GEMM.
-constexpr int64_t kSmallExpertRows = 64;
+// Schedule of the per-expert GEMMs. An expert with at least kBigExpertRows rows gets a GEMM of its
+// own on all threads (MKL / oneDNN parallelise it well); the smaller ones are split into one
+// contiguous run of experts per thread, of about equal rows, and the runs execute in parallel with
+// single-threaded GEMMs (no barrier per tiny GEMM, and no weight packing split across threads).
+// GLM5_MOE_GEMM_SCHEDULE=serial|experts forces one of the two for every expert (for benchmarks).
+constexpr int64_t kBigExpertRows = 256;
+
+enum class Schedule { kAuto, kSerial, kExperts };
+
+Schedule schedule_override() {
+  const char* v = std::getenv("GLM5_MOE_GEMM_SCHEDULE");
+  if (v == nullptr || std::strcmp(v, "auto") == 0 || v[0] == '\0') return Schedule::kAuto;
+  if (std::strcmp(v, "serial") == 0) return Schedule::kSerial;
+  if (std::strcmp(v, "experts") == 0) return Schedule::kExperts;
+  TORCH_CHECK_VALUE(false, "GLM5_MOE_GEMM_SCHEDULE must be auto, serial or experts, got '", v, "'");
+}
 
 // out = a @ b for 2-D (possibly transposed) views; fp16 goes through fp32 (ATen's fp16 CPU GEMM is
 // a naive loop). `out` is a contiguous row block of the result.
@@ -398,18 +412,48 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
-// Runs task(e) for the experts with work; in parallel across experts when they are many and small.
+// Runs task(e) once for every expert (rows = off[e+1] - off[e], possibly 0), on the schedule above.
 template <typename F>
-void for_each_expert(int64_t E, int64_t total_rows, const F& task) {
-  const bool across_experts = E > 1 && total_rows < kSmallExpertRows * E && at::get_num_threads() > 1;
-  if (across_experts) {
-    at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch TLS is per thread
-      for (int64_t e = begin; e < end; ++e) task(e);
-    });
-  } else {
-    for (int64_t e = 0; e < E; ++e) task(e);
+void for_each_expert(const std::vector<int64_t>& off, const F& task) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  const int64_t threads = at::get_num_threads();
+  const Schedule mode = schedule_override();
+  std::vector<int64_t> small;
+  int64_t small_work = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = off[e + 1] - off[e];
+    const bool alone = threads == 1 || mode == Schedule::kSerial || (mode == Schedule::kAuto && rows >= kBigExpertRows);
+    if (alone) {
+      task(e);
+    } else {
+      small.push_back(e);
+      small_work += std::max<int64_t>(rows, 1);
+    }
   }
+  if (small.empty()) return;
+  // Cut the small experts into `threads` runs of about small_work / threads rows each.
+  std::vector<size_t> cut{0};
+  int64_t acc = 0;
+  for (size_t i = 0; i < small.size(); ++i) {
+    acc += std::max<int64_t>(off[small[i] + 1] - off[small[i]], 1);
+    if (static_cast<int64_t>(cut.size()) < threads && acc * threads >= small_work * static_cast<int64_t>(cut.size())) {
+      cut.push_back(i + 1);
+    }
+  }
+  if (cut.back() != small.size()) cut.push_back(small.size());
+  at::parallel_for(0, static_cast<int64_t>(cut.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch TLS is per thread
+    for (int64_t c = begin; c < end; ++c) {
+      for (size_t i = cut[c]; i < cut[c + 1]; ++i) task(small[i]);
+    }
+  });
+}
+
+// w with every w[e] a contiguous matrix is used as is (no copy of the weights: w may also be a view
+// whose experts overlap or repeat); anything else is made contiguous.
+at::Tensor experts_contiguous(const at::Tensor& w) {
+  const bool ok = (w.size(2) <= 1 || w.stride(2) == 1) && (w.size(1) <= 1 || w.stride(1) == w.size(2));
+  return ok ? w : w.contiguous();
 }
 
 at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets, bool trans_w) {
@@ -424,11 +468,11 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   const int64_t wK = trans_w ? w.size(1) : w.size(2), Nout = trans_w ? w.size(2) : w.size(1);
   TORCH_CHECK(wK == K, "x.size(1)=", K, " must equal w's K=", wK, " (w shape ", w.sizes(), ", trans_w=", trans_w, ")");
   const std::vector<int64_t> off = check_offsets(offsets, x, E, M);
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor xc = x.contiguous(), wc = experts_contiguous(w);
   at::Tensor y = at::empty({M, Nout}, x.options());
   if (off[0] > 0) y.narrow(0, 0, off[0]).zero_();
   if (off[E] < M) y.narrow(0, off[E], M - off[E]).zero_();
-  for_each_expert(E, off[E] - off[0], [&](int64_t e) {
+  for_each_expert(off, [&](int64_t e) {
     const int64_t rows = off[e + 1] - off[e];
     if (rows == 0) return;
     const at::Tensor we = wc.select(0, e);
@@ -452,7 +496,7 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& dy, const at::Tensor& x, con
   const std::vector<int64_t> off = check_offsets(offsets, dy, E, M);
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous();
   at::Tensor dw = at::empty({E, N, K}, dy.options());
-  for_each_expert(E, off[E] - off[0], [&](int64_t e) {
+  for_each_expert(off, [&](int64_t e) {
     const int64_t rows = off[e + 1] - off[e];
     if (rows == 0) {
       dw.select(0, e).zero_();

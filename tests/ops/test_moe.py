@@ -435,3 +435,65 @@ def test_bad_input(name, fn, exc, match, impls, impl):
         pytest.skip(f"{name}: only the kernel checks this")
     with glm5.ops.use_impl(impl), pytest.raises(exc, match=match):
         fn()
+
+
+# ---- weight layouts, schedules, transformers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["expanded", "overlapping", "transposed"])
+def test_grouped_gemm_weight_views(layout):
+    # expert weights as views: no copy when every w[e] is a contiguous matrix, a copy otherwise
+    gen = torch.Generator().manual_seed(0)
+    E, N, K, M = 5, 12, 16, 30
+    if layout == "expanded":
+        w = torch.randn(N, K, generator=gen)[None].expand(E, N, K)
+    elif layout == "overlapping":
+        w = torch.randn(N * K + 8 * E, generator=gen).as_strided((E, N, K), (8, K, 1))
+    else:
+        w = torch.randn(E, K, N, generator=gen).transpose(1, 2)
+    x = torch.randn(M, K, generator=gen)
+    offsets = torch.tensor([0, 4, 4, 13, 29, 30])
+    gemm_tols(glm5.ops.grouped_gemm(x, w, offsets), reference.grouped_gemm(x.double(), w.double(), offsets), None)
+
+
+@pytest.mark.parametrize("schedule", ["serial", "experts", "auto"])
+def test_grouped_gemm_schedules(schedule, monkeypatch):
+    # every expert on its own multi-threaded GEMM, or runs of experts in parallel: same results
+    monkeypatch.setenv("GLM5_MOE_GEMM_SCHEDULE", schedule)
+    case = GemmCase(counts=(300, 3, 0, 40, 1, 260, 7), K=24, N=20, lead=2)
+    x, w, offsets = gemm_inputs(case, torch.float32)
+    gemm_tols(glm5.ops.grouped_gemm(x, w, offsets), reference.grouped_gemm(x.double(), w.double(), offsets), None)
+    dy = torch.randn(x.shape[0], case.N, generator=torch.Generator().manual_seed(1))
+    dw = glm5.ops.grouped_gemm_wgrad(dy, x, offsets)
+    gemm_tols(dw, reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets), None)
+
+
+def test_grouped_gemm_bad_schedule(monkeypatch):
+    monkeypatch.setenv("GLM5_MOE_GEMM_SCHEDULE", "fastest")
+    x, w, offsets = gemm_inputs(GEMM_CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="GLM5_MOE_GEMM_SCHEDULE"):
+        glm5.ops.grouped_gemm(x, w, offsets)
+
+
+def test_moe_experts_matches_transformers():
+    hf = pytest.importorskip("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa")
+    from transformers import GlmMoeDsaConfig
+
+    cfg = GlmMoeDsaConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+                          n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5)
+    moe = hf.GlmMoeDsaMoE(cfg).double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * p.shape[-1] ** -0.5)
+        moe.gate.e_score_correction_bias.copy_(torch.randn(16, generator=gen) * 0.1)
+    h = torch.randn(2, 20, 32, generator=gen, dtype=torch.float64)
+    logits = torch.nn.functional.linear(h.view(-1, 32).float(), moe.gate.weight.float())  # an fp32 router, as HF
+    idx, w = glm5.ops.moe_route(logits, moe.gate.e_score_correction_bias, 4, n_group=4, topk_group=2,
+                                routed_scaling_factor=2.5)
+    out = glm5.ops.moe_experts(h.view(-1, 32), idx, w.to(h.dtype), moe.experts.gate_up_proj, moe.experts.down_proj)
+    out = out.view_as(h) + moe.shared_experts(h)
+    with torch.no_grad():
+        expect = moe(h)
+    # the fp32 router weights may differ by an ulp (the order of their sum): fp32-level agreement
+    assert torch.allclose(out, expect, rtol=1e-6, atol=1e-6)
