@@ -2,22 +2,25 @@
 // backward of `glm5::sparse_mla_fwd` / `glm5::sparse_mla_bwd`. Semantics: glm5/ops/reference.py.
 //
 // Every head of query t attends to the same gathered keys kv[indices[t, :]], so each query is a
-// small dense attention: gather its valid keys into a contiguous per-thread buffer, then
+// small dense attention. Per block of kKeyBlock valid keys, gathered into a per-thread buffer:
 //   scores^T [keys, H] = Kg [keys, D] @ q_t^T [D, H]      (GEMM)
-//   online softmax per head over key blocks of kKeyBlock (fp32; fp64 for fp64 inputs)
+//   online softmax per head (running max and lse in fp32, running sum in fp64; all fp64 for fp64)
 //   acc [H, d_v]      += P [H, keys] @ Kg[:, :d_v]         (GEMM)
 // The GEMMs are oneDNN's batch-reduce micro-kernels (at::native::cpublas::brgemm): fp32 x fp32, and
 // for bf16 inputs bf16 x bf16 -> fp32 with the right operand in VNNI layout (pairs along the
 // reduction dim), which the gather writes directly. In the bf16 path the probabilities are rounded
-// to bf16 before the P @ V product, as FlashMLA does; the softmax statistics stay fp32 (max, lse)
-// and fp64 (the running sum). fp16 (and bf16 where oneDNN's bf16 kernel is unavailable) converts to fp32 in the gather;
-// fp64 (gradcheck) uses a plain loop GEMM. Partial key blocks are zero-padded to a multiple of
-// kRowAlign rows, so only a handful of kernel shapes is ever generated (oneDNN caches them per thread).
+// to bf16 before P @ V, as FlashMLA does. fp16, and bf16 where oneDNN's bf16 kernel is unavailable,
+// convert to fp32 in the gather; fp64 (gradcheck) uses a plain loop GEMM. A partial key block is
+// zero-padded to a multiple of kRowAlign rows, so only a handful of kernel shapes is ever generated
+// (oneDNN caches them per thread). While one block's softmax runs, the next block's key rows are
+// prefetched (they are random rows of kv, often not in any cache).
 //
-// Backward: per query, recompute P from lse, dP = dO V^T, dS = P (dP - Delta), dq = scale dS K, and
-// per-slot key gradients scale dS^T q + P^T dO into a chunk buffer; then a counting sort by key
-// sums each key's rows in increasing (t, slot) order, one thread per key: deterministic and
-// independent of the thread count. Queries are processed in chunks so the buffer stays bounded.
+// Backward: per query, recompute P = exp(s - lse), dP = dO V^T, Delta = rowsum(dO * O),
+// dS = P (dP - Delta), dq = scale dS K, and per-slot key gradients scale dS^T q + P^T dO (one GEMM)
+// into a chunk buffer; then a counting sort by key sums each key's rows in increasing (t, slot)
+// order, one thread per key: deterministic and independent of the thread count and of the chunking.
+// Queries are processed in chunks so that buffer stays bounded (kBwdChunkBytes). The backward
+// computes in fp32 for every non-fp64 dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,9 +38,13 @@
 
 #include "glm5/checks.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
-constexpr int64_t kKeyBlock = 256;  // keys per online-softmax block (multiple of kRowAlign)
+constexpr int64_t kKeyBlock = 128;  // keys per online-softmax block (multiple of kRowAlign)
 constexpr int64_t kRowAlign = 32;   // a partial block is zero-padded to a multiple of this
 constexpr int64_t kBwdChunkBytes = int64_t(64) << 20;  // backward per-chunk key-gradient buffer
 
@@ -85,12 +92,87 @@ inline T convert(F f) {
   }
 }
 
+// Transposes a rows x cols block of 32-bit values: dst[c * ldd + r] = cvt(src[r * lds + c]), with
+// cvt = identity (float, uint32) or fp32 -> bf16 rounding (Dst = at::BFloat16). Full 8 x 8 tiles
+// go through AVX2 register shuffles; the rest, and other builds, through the scalar loop.
+template <typename Src, typename Dst>
+void transpose32(const Src* src, int64_t rows, int64_t cols, int64_t lds, Dst* dst, int64_t ldd) {
+  static_assert(sizeof(Src) == 4 && (sizeof(Dst) == 4 || std::is_same_v<Dst, at::BFloat16>));
+  int64_t r0 = 0;
+#if defined(__AVX2__)
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + (r0 + i) * lds + c0));
+      const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+      const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+      const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+      const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+      v[0] = _mm256_permute2f128_ps(b0, b4, 0x20);
+      v[1] = _mm256_permute2f128_ps(b1, b5, 0x20);
+      v[2] = _mm256_permute2f128_ps(b2, b6, 0x20);
+      v[3] = _mm256_permute2f128_ps(b3, b7, 0x20);
+      v[4] = _mm256_permute2f128_ps(b0, b4, 0x31);
+      v[5] = _mm256_permute2f128_ps(b1, b5, 0x31);
+      v[6] = _mm256_permute2f128_ps(b2, b6, 0x31);
+      v[7] = _mm256_permute2f128_ps(b3, b7, 0x31);
+      for (int i = 0; i < 8; ++i) {  // v[i] is column c0 + i, rows r0 .. r0 + 7
+        Dst* out = dst + (c0 + i) * ldd + r0;
+        if constexpr (std::is_same_v<Dst, at::BFloat16>) {  // round to nearest even, NaN stays NaN
+          const __m256i u = _mm256_castps_si256(v[i]);
+          const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+          __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+          const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                                 _mm256_set1_epi32(0x7F800000));
+          r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+          const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+        } else {
+          _mm256_storeu_ps(reinterpret_cast<float*>(out), v[i]);
+        }
+      }
+    }
+    for (; c0 < cols; ++c0)
+      for (int64_t r = r0; r < r0 + 8; ++r) dst[c0 * ldd + r] = convert<Dst>(src[r * lds + c0]);
+  }
+#endif
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = r0; r < rows; ++r) dst[c * ldd + r] = convert<Dst>(src[r * lds + c]);
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for fp32 (AVX2 tiles) or fp64 (plain loop).
+template <typename T>
+void transpose_any(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  if constexpr (sizeof(T) == 4) {
+    transpose32(src, rows, cols, lds, dst, ldd);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
 // Pulls the row of a key that will be gathered soon into the cache (rows are random accesses).
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
-constexpr int64_t kPrefetchAhead = 4;  // keys
+constexpr int64_t kPrefetchAhead = 4;  // keys ahead in a gather loop
+
+// The prefetch callback of softmax_block: row j of the next key block, if there is one.
+template <typename T>
+struct PrefetchNextBlock {
+  const T* kv;
+  const int32_t* keys;  // the next block's keys
+  int64_t n, row_elems;
+  void operator()(int64_t j) const {
+    if (j < n) prefetch_row(kv + int64_t(keys[j]) * row_elems, row_elems * int64_t(sizeof(T)));
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // GEMMs: C[M, N] (+)= A[M, K] @ B[K, N], row-major with leading dimensions in elements.
@@ -122,20 +204,31 @@ void gemm_bf16_vnni(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int6
 }
 
 // Whether oneDNN's bf16 VNNI micro-kernel runs on this CPU and torch build (avx512_core or AMX,
-// oneDNN ukernels compiled in, mkldnn enabled): probed once on a 2x2x2 product.
+// oneDNN ukernels compiled in, mkldnn enabled) and reads B as [K/2][ldb][2] for a wide, irregular
+// ldb like the kernels' (d_v): probed once on a small product with exact (small-integer) values.
 bool bf16_brgemm_available() {
   if (!at::globalContext().userEnabledMkldnn()) return false;
   static const bool ok = [] {
+    constexpr int64_t M = 3, N = 40, K = 6, ldb = 72;
+    std::vector<at::BFloat16> a(M * K), b(K / 2 * ldb * 2, at::BFloat16(0.0f));
+    std::vector<float> c(M * N, -1.0f), want(M * N, 0.0f);
+    for (int64_t i = 0; i < M * K; ++i) a[i] = at::BFloat16(float(i % 7) - 3.0f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        const float v = float((k * 5 + n * 3) % 11) - 5.0f;
+        b[(k / 2 * ldb + n) * 2 + k % 2] = at::BFloat16(v);
+        for (int64_t i = 0; i < M; ++i) want[i * N + n] += float(a[i * K + k]) * v;
+      }
     try {
-      const at::BFloat16 a[4] = {1.0f, 2.0f, 3.0f, 4.0f};  // A = [[1, 2], [3, 4]]
-      const at::BFloat16 b[4] = {5.0f, 7.0f, 6.0f, 8.0f};  // B = [[5, 6], [7, 8]] in VNNI layout
-      float c[4] = {0, 0, 0, 0};
-      gemm_bf16_vnni(2, 2, 2, a, 2, b, 2, c, 2, false);
+      gemm_bf16_vnni(M, N, K, a.data(), K, b.data(), ldb, c.data(), N, false);
+      gemm_bf16_vnni(M, N, K, a.data(), K, b.data(), ldb, c.data(), N, true);  // c = 2 * want
       at::native::cpublas::brgemm_release(true);
-      return c[0] == 19.0f && c[1] == 22.0f && c[2] == 43.0f && c[3] == 50.0f;
     } catch (const std::exception&) {
       return false;
     }
+    for (int64_t i = 0; i < M * N; ++i)
+      if (c[i] != 2.0f * want[i]) return false;
+    return true;
   }();
   return ok;
 }
@@ -163,9 +256,11 @@ inline int64_t compact_keys(const int32_t* idx, int64_t K, int32_t* keys) {
 // rescales acc [H, dv] by
 // exp(m_old - m_new) unless this is the first block, and writes the probabilities transposed into
 // p [H, nbp] (zeros in the padding columns). st is overwritten with the fp32 probabilities.
-template <typename ct, typename pt>
+// prefetch(j) runs once per row j of the exp loop: the caller pulls the next block's keys into
+// the cache there, so that their (random, often DRAM) reads overlap this arithmetic.
+template <typename ct, typename pt, typename Prefetch>
 void softmax_block(ct* st, int64_t nb, int64_t nbp, int64_t H, ct scale, ct* m, double* l, ct* tmp, pt* p,
-                   ct* acc, int64_t dv, bool first) {
+                   ct* acc, int64_t dv, bool first, const Prefetch& prefetch) {
   constexpr ct kNegInf = -std::numeric_limits<ct>::infinity();
   for (int64_t h = 0; h < H; ++h) tmp[h] = kNegInf;
   for (int64_t j = 0; j < nb; ++j) {
@@ -188,17 +283,20 @@ void softmax_block(ct* st, int64_t nb, int64_t nbp, int64_t H, ct scale, ct* m, 
     }
   }
   for (int64_t j = 0; j < nb; ++j) {
+    prefetch(j);
     ct* row = st + j * H;
     for (int64_t h = 0; h < H; ++h) {
       row[h] = fast_exp(row[h] * scale - m[h]);
       l[h] += double(row[h]);
     }
   }
-  for (int64_t h = 0; h < H; ++h) {
-    pt* dst = p + h * nbp;
-    for (int64_t j = 0; j < nb; ++j) dst[j] = convert<pt>(st[j * H + h]);
-    for (int64_t j = nb; j < nbp; ++j) dst[j] = pt(0);
+  if constexpr (std::is_same_v<ct, float>) {
+    transpose32(st, nb, H, H, p, nbp);
+  } else {
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < nb; ++j) p[h * nbp + j] = static_cast<pt>(st[j * H + h]);
   }
+  for (int64_t h = 0; h < H; ++h) std::fill(p + h * nbp + nb, p + (h + 1) * nbp, pt(0));
 }
 
 // out[t] = acc / l (0 where the query has no key), lse[t] = m + log(l) (+inf where it has none).
@@ -235,8 +333,12 @@ void fwd_plain(const scalar_t* q, const scalar_t* kv, const int32_t* indices, sc
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nv = compact_keys(indices + t * K, K, keys.data());
       const scalar_t* qt_src = q + t * H * D;
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d) qt[d * H + h] = static_cast<ct>(qt_src[h * D + d]);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        transpose32(qt_src, H, D, D, qt.data(), H);
+      } else {
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t d = 0; d < D; ++d) qt[d * H + h] = static_cast<ct>(qt_src[h * D + d]);
+      }
       std::fill(m.begin(), m.end(), -std::numeric_limits<ct>::infinity());
       std::fill(l.begin(), l.end(), 0.0);
       for (int64_t j0 = 0; j0 < nv; j0 += kKeyBlock) {
@@ -253,8 +355,9 @@ void fwd_plain(const scalar_t* q, const scalar_t* kv, const int32_t* indices, sc
           }
         }
         gemm(nbp, H, D, kg.data(), D, qt.data(), H, st.data(), H, false);
-        softmax_block<ct, ct>(st.data(), nb, nbp, H, scale, m.data(), l.data(), tmp.data(), p.data(), acc.data(), dv,
-                              j0 == 0);
+        const PrefetchNextBlock<scalar_t> next{kv, keys.data() + j0 + nb, std::min(kKeyBlock, nv - j0 - nb), D};
+        softmax_block(st.data(), nb, nbp, H, scale, m.data(), l.data(), tmp.data(), p.data(), acc.data(), dv, j0 == 0,
+                      next);
         gemm(H, dv, nbp, p.data(), nbp, kg.data(), D, acc.data(), dv, j0 > 0);
       }
       finalize_query<scalar_t, ct>(acc.data(), m.data(), l.data(), H, dv, nv == 0, out + t * H * dv, lse + t * H);
@@ -281,11 +384,15 @@ void fwd_bf16_vnni(const at::BFloat16* q, const at::BFloat16* kv, const int32_t*
     std::vector<double> l(H);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nv = compact_keys(indices + t * K, K, keys.data());
-      for (int64_t i = 0; i < Dp / 2; ++i) {
-        for (int64_t h = 0; h < H; ++h) {
-          const uint16_t* src = q16 + (t * H + h) * D;
-          const uint32_t hi = 2 * i + 1 < D ? src[2 * i + 1] : 0;
-          qv[i * H + h] = uint32_t(src[2 * i]) | (hi << 16);
+      if (D % 2 == 0) {  // q_t [H, D/2 pairs] -> [D/2, H]
+        transpose32(reinterpret_cast<const uint32_t*>(q16 + t * H * D), H, D / 2, D / 2, qv.data(), H);
+      } else {
+        for (int64_t i = 0; i < Dp / 2; ++i) {
+          for (int64_t h = 0; h < H; ++h) {
+            const uint16_t* src = q16 + (t * H + h) * D;
+            const uint32_t hi = 2 * i + 1 < D ? src[2 * i + 1] : 0;
+            qv[i * H + h] = uint32_t(src[2 * i]) | (hi << 16);
+          }
         }
       }
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -312,8 +419,9 @@ void fwd_bf16_vnni(const at::BFloat16* q, const at::BFloat16* kv, const int32_t*
         }
         gemm_bf16_vnni(nbp, H, Dp, reinterpret_cast<const at::BFloat16*>(kg.data()), Dp,
                        reinterpret_cast<const at::BFloat16*>(qv.data()), H, st.data(), H, false);
-        softmax_block<float, at::BFloat16>(st.data(), nb, nbp, H, scale, m.data(), l.data(), tmp.data(), p.data(),
-                                           acc.data(), dv, j0 == 0);
+        const PrefetchNextBlock<uint16_t> next{kv16, keys.data() + j0 + nb, std::min(kKeyBlock, nv - j0 - nb), D};
+        softmax_block(st.data(), nb, nbp, H, scale, m.data(), l.data(), tmp.data(), p.data(), acc.data(), dv, j0 == 0,
+                      next);
         gemm_bf16_vnni(H, dv, nbp, p.data(), nbp, reinterpret_cast<const at::BFloat16*>(vv.data()), dv, acc.data(),
                        dv, j0 > 0);
       }
@@ -330,6 +438,8 @@ void fwd_bf16_vnni(const at::BFloat16* q, const at::BFloat16* kv, const int32_t*
 
 // Gradients of one query: dq[t] directly, the key-gradient rows of its valid slots (in slot
 // order, padded to a multiple of kRowAlign) into rows [row0, ...) of the chunk buffer dk_rows.
+// Per key block, one [nbp, 2H] buffer holds scale * dS^T (columns [0, H)) and P^T ([H, 2H)), so
+// that dK and dV are one GEMM against [q_t; dO_t padded to D] [2H, D].
 template <typename scalar_t, typename ct>
 struct BwdQuery {
   const scalar_t *q, *kv, *dout, *out;
@@ -338,16 +448,31 @@ struct BwdQuery {
   ct scale;
   // per-thread workspace
   std::vector<int32_t> keys;
-  std::vector<ct> qc, qt, doc, dot, kg, st, dpt, ds, dqa, delta;
+  std::vector<ct> qdo, qt, dot, kg, sp, ds, dqa, delta;
 
   BwdQuery(const scalar_t* q_, const scalar_t* kv_, const scalar_t* dout_, const scalar_t* out_, const ct* lse_,
            const Dims& dm_, ct scale_)
       : q(q_), kv(kv_), dout(dout_), out(out_), lse(lse_), dm(dm_), scale(scale_), keys(dm_.K),
-        qc(dm_.H * dm_.D), qt(dm_.D * dm_.H), doc(dm_.H * dm_.dv), dot(dm_.dv * dm_.H), kg(kKeyBlock * dm_.D),
-        st(kKeyBlock * dm_.H), dpt(kKeyBlock * dm_.H), ds(dm_.H * kKeyBlock), dqa(dm_.H * dm_.D), delta(dm_.H) {}
+        qdo(2 * dm_.H * dm_.D), qt(dm_.D * dm_.H), dot(dm_.dv * dm_.H), kg(kKeyBlock * dm_.D),
+        sp(kKeyBlock * 2 * dm_.H), ds(dm_.H * kKeyBlock), dqa(dm_.H * dm_.D), delta(dm_.H) {}
+
+  void gather(int64_t j0, int64_t nb, int64_t nbp, int64_t nv) {
+    const int64_t D = dm.D;
+    for (int64_t j = 0; j < nbp; ++j) {
+      ct* dst = kg.data() + j * D;
+      if (j < nb) {
+        if (j0 + j + kPrefetchAhead < nv)
+          prefetch_row(kv + int64_t(keys[j0 + j + kPrefetchAhead]) * D, D * int64_t(sizeof(scalar_t)));
+        const scalar_t* src = kv + int64_t(keys[j0 + j]) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<ct>(src[d]);
+      } else {
+        std::fill(dst, dst + D, ct(0));
+      }
+    }
+  }
 
   void run(int64_t t, int64_t nv, const int32_t* idx_row, ct* dk_rows, scalar_t* dq_t) {
-    const int64_t H = dm.H, D = dm.D, dv = dm.dv;
+    const int64_t H = dm.H, D = dm.D, dv = dm.dv, H2 = 2 * dm.H;
     if (nv == 0) {  // no key: P = 0, so every gradient of this query is 0
       std::fill(dq_t, dq_t + H * D, scalar_t(0));
       return;
@@ -357,56 +482,43 @@ struct BwdQuery {
     const scalar_t* do_t = dout + t * H * dv;
     const scalar_t* o_t = out + t * H * dv;
     const ct* lse_t = lse + t * H;
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t d = 0; d < D; ++d) {
-        const ct v = static_cast<ct>(q_t[h * D + d]);
-        qc[h * D + d] = v;
-        qt[d * H + h] = v;
-      }
+    for (int64_t h = 0; h < H; ++h) {  // qdo = [q_t; dO_t | 0], qt = q_t^T, dot = dO_t^T
+      ct* qrow = qdo.data() + h * D;
+      ct* grow = qdo.data() + (H + h) * D;
+      for (int64_t d = 0; d < D; ++d) qrow[d] = static_cast<ct>(q_t[h * D + d]);
       ct dl = 0;
       for (int64_t d = 0; d < dv; ++d) {
-        const ct g = static_cast<ct>(do_t[h * dv + d]);
-        doc[h * dv + d] = g;
-        dot[d * H + h] = g;
-        dl += g * static_cast<ct>(o_t[h * dv + d]);
+        grow[d] = static_cast<ct>(do_t[h * dv + d]);
+        dl += grow[d] * static_cast<ct>(o_t[h * dv + d]);
       }
-      delta[h] = dl;
+      std::fill(grow + dv, grow + D, ct(0));
+      delta[h] = dl;  // Delta = rowsum(dO * O) = sum_j P_j dP_j
     }
+    transpose_any(qdo.data(), H, D, D, qt.data(), H);
+    transpose_any(qdo.data() + H * D, H, dv, D, dot.data(), H);
     for (int64_t j0 = 0; j0 < nv; j0 += kKeyBlock) {
       const int64_t nb = std::min(kKeyBlock, nv - j0), nbp = round_up(nb, kRowAlign);
-      for (int64_t j = 0; j < nbp; ++j) {
-        ct* dst = kg.data() + j * D;
-        if (j < nb) {
-          if (j0 + j + kPrefetchAhead < nv)
-            prefetch_row(kv + int64_t(keys[j0 + j + kPrefetchAhead]) * D, D * int64_t(sizeof(scalar_t)));
-          const scalar_t* src = kv + int64_t(keys[j0 + j]) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<ct>(src[d]);
-        } else {
-          std::fill(dst, dst + D, ct(0));
-        }
-      }
-      gemm(nbp, H, D, kg.data(), D, qt.data(), H, st.data(), H, false);    // S^T
-      gemm(nbp, H, dv, kg.data(), D, dot.data(), H, dpt.data(), H, false);  // dP^T = V dO^T
-      for (int64_t j = 0; j < nbp; ++j) {  // st <- P^T, dpt <- scale * dS^T
-        ct* s = st.data() + j * H;
-        ct* g = dpt.data() + j * H;
+      gather(j0, nb, nbp, nv);
+      gemm(nbp, H, D, kg.data(), D, qt.data(), H, sp.data() + H, H2, false);  // S^T
+      gemm(nbp, H, dv, kg.data(), D, dot.data(), H, sp.data(), H2, false);    // dP^T = V dO^T
+      const PrefetchNextBlock<scalar_t> next{kv, keys.data() + j0 + nb, std::min(kKeyBlock, nv - j0 - nb), D};
+      for (int64_t j = 0; j < nbp; ++j) {  // [dP^T | S^T] <- [scale * dS^T | P^T]
+        ct* g = sp.data() + j * H2;
+        ct* s = g + H;
         if (j >= nb) {
-          std::fill(s, s + H, ct(0));
-          std::fill(g, g + H, ct(0));
+          std::fill(g, g + H2, ct(0));
           continue;
         }
+        next(j);
         for (int64_t h = 0; h < H; ++h) {
           const ct pr = fast_exp(s[h] * scale - lse_t[h]);
           s[h] = pr;
           g[h] = pr * (g[h] - delta[h]) * scale;
         }
       }
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t j = 0; j < nbp; ++j) ds[h * nbp + j] = dpt[j * H + h];
+      transpose_any(sp.data(), nbp, H, H2, ds.data(), nbp);
       gemm(H, D, nbp, ds.data(), nbp, kg.data(), D, dqa.data(), D, j0 > 0);  // dq += scale dS K
-      ct* dk = dk_rows + j0 * D;
-      gemm(nbp, D, H, dpt.data(), H, qc.data(), D, dk, D, false);  // dK  = scale dS^T q
-      gemm(nbp, dv, H, st.data(), H, doc.data(), dv, dk, D, true);  // dV += P^T dO
+      gemm(nbp, D, H2, sp.data(), H2, qdo.data(), D, dk_rows + j0 * D, D, false);  // dK|dV rows
     }
     for (int64_t i = 0; i < H * D; ++i) dq_t[i] = static_cast<scalar_t>(dqa[i]);
   }
