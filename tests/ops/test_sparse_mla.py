@@ -223,6 +223,18 @@ def test_repeated_index_counts_twice():
     torch.testing.assert_close(out, torch.einsum("thk,kd->thd", s.softmax(dim=-1), kv[[0, 0, 1]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(dtype):
+    q, kv, idx, scale, dv = make_inputs(CASES[2], dtype)
+    want = run_fwd_bwd((q, kv, idx, scale, dv))
+    q_nc = q.transpose(1, 2).contiguous().transpose(1, 2)  # [T, H, D] view with H-stride 1
+    kv_nc = torch.stack([kv, torch.zeros_like(kv)], dim=2)[:, :, 0]  # every other element of a wider tensor
+    idx_nc = idx.t().contiguous().t()
+    assert not (q_nc.is_contiguous() or kv_nc.is_contiguous() or idx_nc.is_contiguous())
+    got = run_fwd_bwd((q_nc, kv_nc, idx_nc, scale, dv))
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
 @pytest.mark.parametrize(
     "case",
     [Case(T=0, S=5, K=3), Case(T=3, S=5, K=0), Case(T=3, S=0, K=4), Case(T=3, S=5, K=2, H=0)],
