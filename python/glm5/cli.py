@@ -29,6 +29,12 @@ def _info(args: argparse.Namespace) -> int:
     return dsa.main(args.rest)
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .train.pretrain import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm5", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what glm5 was built with and which kernels are registered")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("pretrain", help="pretrain a GLM-5 model through its stages (default: the debug preset on the stdlib)")
+    from .train.pretrain import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_pretrain)
 
     from . import cli_generate
 
