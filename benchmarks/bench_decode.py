@@ -155,6 +155,9 @@ def measure_layer(attn: MLAttention, S: int, dtype, bench_kw: dict, progress) ->
     for part in ("attn", "layer"):
         row[f"{part}_speedup"] = t[f"{part}_dense"].median / t[f"{part}_sparse"].median
     row["layer_flop_ratio"] = (bound["flops_dense"] + proj) / (bound["flops_sparse"] + proj)
+    # batch-1 decode reads every weight once per token: the layer's byte bound counts them
+    row["weight_bytes"] = wb = sum(p.numel() * p.element_size() for p in attn.parameters())
+    row["layer_byte_ratio"] = (bound["bytes_dense"] + wb) / (bound["bytes_sparse"] + wb)
     row["attn_sparse"]["gflops"] = bound["flops_sparse"] / t["attn_sparse"].median / 1e9
     row["attn_dense"]["gflops"] = bound["flops_dense"] / t["attn_dense"].median / 1e9
     row["attn_dense"]["gbytes_per_s"] = bound["bytes_dense"] / t["attn_dense"].median / 1e9
@@ -238,16 +241,18 @@ def format_tables(res: dict) -> str:
     if res["layer"]:
         c = res["config"]
         L.append(f"Layer decode, GLM-5 shapes ({c['dtype']}, batch 1, one attention layer; tok/s = 1 / median step time)")
-        L.append(f"{'S':>7} | {'sparse tok/s':>12} | {'dense tok/s':>11} | {'layer x':>7} | {'flop bnd':>8} || "
+        L.append(f"{'S':>7} | {'sparse tok/s':>12} | {'dense tok/s':>11} | {'layer x':>7} | {'flop bnd':>8} | {'byte bnd':>8} || "
                  f"{'attn sparse ms':>14} | {'attn dense ms':>13} | {'attn x':>6} | {'FLOP bnd':>8} | {'byte bnd':>8} | "
                  f"{'dense GB/s':>10} | {'dense GFLOP/s':>13}")
         for r in res["layer"]:
             b = r["bound"]
             L.append(f"{r['S']:>7} | {r['layer_sparse']['tokens_per_s']:12.1f} | {r['layer_dense']['tokens_per_s']:11.1f} | "
-                     f"{r['layer_speedup']:6.2f}x | {r['layer_flop_ratio']:7.1f}x || {r['attn_sparse']['median_s'] * 1e3:14.2f} | "
+                     f"{r['layer_speedup']:6.2f}x | {r['layer_flop_ratio']:7.1f}x | {r['layer_byte_ratio']:7.2f}x || "
+                     f"{r['attn_sparse']['median_s'] * 1e3:14.2f} | "
                      f"{r['attn_dense']['median_s'] * 1e3:13.2f} | {r['attn_speedup']:5.2f}x | {b['flop_ratio']:7.1f}x | "
                      f"{b['byte_ratio']:7.1f}x | {r['attn_dense']['gbytes_per_s']:10.1f} | {r['attn_dense']['gflops']:13.1f}")
-        L.append(f"(projections: {res['layer'][0]['projection_flops'] / 1e9:.2f} GFLOP per token; matmul ceiling "
+        L.append(f"(projections: {res['layer'][0]['projection_flops'] / 1e9:.2f} GFLOP and {res['layer'][0]['weight_bytes'] / 1e6:.0f} MB "
+                 f"of weights read per token; matmul ceiling "
                  f"{res['matmul_gflops']:.0f} GFLOP/s {c['dtype']})")
     if res["model"]:
         L.append("")
