@@ -179,7 +179,32 @@ def with_impl(impl: str, fn):
     return run
 
 
-def measure_model(name: str, cfg, dtype, batch: int, prompt_len: int, impls: list[str], bench_kw: dict, progress) -> dict:
+def measure_speculative(model, prompts, impl: str, n_tokens: int, prefill_s: float) -> dict:
+    """Cost of one speculative step (MTP drafts + one verify forward over n_draft + 1 tokens per
+    sequence) in plain greedy steps: speculative decoding pays off above this mean accept length.
+    Random weights accept ~1 token per step, so the step counts come from the runs themselves."""
+    import time
+
+    out = {}
+    with glm5.ops.use_impl(impl):
+        for kind, spec in (("plain", False), ("speculative", True)):
+            t0 = time.perf_counter()
+            res = model.generate(prompts, n_tokens, speculative=spec)
+            dt = time.perf_counter() - t0
+            steps = max(len(r.accept_lengths) for r in res) if spec else n_tokens - 1  # the prefill gives token 1
+            out[kind] = {"seconds": dt, "steps": steps, "step_s": max(dt - prefill_s, 1e-9) / steps,
+                         "tokens": [r.tokens for r in res]}
+    if out["plain"]["tokens"] != out["speculative"]["tokens"]:
+        raise RuntimeError("speculative decoding gave other tokens than greedy decoding")
+    n_draft = model.config.mtp_steps
+    return {"impl": impl, "n_draft": n_draft, "new_tokens": n_tokens,
+            "plain_step_s": out["plain"]["step_s"], "speculative_step_s": out["speculative"]["step_s"],
+            "break_even_accept_length": out["speculative"]["step_s"] / out["plain"]["step_s"],
+            "mean_accept_length_random_weights": sum(a for r in res for a in r.accept_lengths) / max(1, sum(len(r.accept_lengths) for r in res))}
+
+
+def measure_model(name: str, cfg, dtype, batch: int, prompt_len: int, impls: list[str], bench_kw: dict, progress,
+                  spec_tokens: int = 16) -> dict:
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy of a large model
@@ -225,6 +250,8 @@ def measure_model(name: str, cfg, dtype, batch: int, prompt_len: int, impls: lis
         row[f"decode_{impl}"] = t[f"decode_{impl}"].as_dict() | {"tokens_per_s": batch / t[f"decode_{impl}"].median}
     if len(impls) == 2:
         row["kernel_speedup"] = {k: row[f"{k}_reference"]["median_s"] / row[f"{k}_kernel"]["median_s"] for k in ("prefill", "decode")}
+    if cfg.num_nextn_predict_layers and cfg.mtp_steps:
+        row["speculative"] = measure_speculative(model, prompts, impls[0], spec_tokens, row[f"prefill_{impls[0]}"]["median_s"])
     progress.step(f"{name}: " + ", ".join(f"{k} {impl} {row[f'{k}_{impl}']['tokens_per_s']:.0f} tok/s"
                                           for k in ("prefill", "decode") for impl in impls))
     del model, caches
@@ -266,6 +293,15 @@ def format_tables(res: dict) -> str:
             L.append(f"{r['model']:>22} | {r['dtype']:>8} | {r['batch']:>4} x {r['prompt_len']:<4} | {tps('prefill_kernel'):>14} | "
                      f"{tps('prefill_reference'):>11} | {ks.get('prefill', float('nan')):4.1f}x | {tps('decode_kernel'):>13} | "
                      f"{tps('decode_reference'):>10} | {ks.get('decode', float('nan')):4.1f}x")
+    spec = [r for r in res["model"] if "speculative" in r]
+    if spec:
+        L.append("")
+        L.append("MTP speculative decoding (greedy, same tokens checked): cost of one step (drafts + verify) in plain steps")
+        for r in spec:
+            s = r["speculative"]
+            L.append(f"{r['model']:>22} | {s['n_draft']} drafts | plain step {s['plain_step_s'] * 1e3:.1f} ms, speculative step "
+                     f"{s['speculative_step_s'] * 1e3:.1f} ms -> pays off above a mean accept length of "
+                     f"{s['break_even_accept_length']:.2f} (random weights accept {s['mean_accept_length_random_weights']:.2f})")
     return "\n".join(L)
 
 
