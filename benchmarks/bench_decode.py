@@ -183,19 +183,23 @@ def measure_speculative(model, prompts, impl: str, n_tokens: int, prefill_s: flo
     """Cost of one speculative step (MTP drafts + one verify forward over n_draft + 1 tokens per
     sequence) in plain greedy steps: speculative decoding pays off above this mean accept length.
     Random weights accept ~1 token per step, so the step counts come from the runs themselves."""
-    import time
+    last = {}
 
-    out = {}
-    with glm5.ops.use_impl(impl):
-        for kind, spec in (("plain", False), ("speculative", True)):
-            t0 = time.perf_counter()
-            res = model.generate(prompts, n_tokens, speculative=spec)
-            dt = time.perf_counter() - t0
-            steps = max(len(r.accept_lengths) for r in res) if spec else n_tokens - 1  # the prefill gives token 1
-            out[kind] = {"seconds": dt, "steps": steps, "step_s": max(dt - prefill_s, 1e-9) / steps,
-                         "tokens": [r.tokens for r in res]}
-    if out["plain"]["tokens"] != out["speculative"]["tokens"]:
+    def run(kind, spec):
+        def fn():
+            with glm5.ops.use_impl(impl):
+                last[kind] = model.generate(prompts, n_tokens, speculative=spec)
+        return fn
+
+    t = bu.bench_many({"plain": run("plain", False), "speculative": run("speculative", True)},
+                      warmup=0, min_reps=3, max_reps=3)
+    if [r.tokens for r in last["plain"]] != [r.tokens for r in last["speculative"]]:
         raise RuntimeError("speculative decoding gave other tokens than greedy decoding")
+    res = last["speculative"]
+    out = {}
+    for kind in ("plain", "speculative"):
+        steps = max(len(r.accept_lengths) for r in res) if kind == "speculative" else n_tokens - 1  # prefill gives token 1
+        out[kind] = {"step_s": max(t[kind].median - prefill_s, 1e-9) / steps}
     n_draft = model.config.mtp_steps
     return {"impl": impl, "n_draft": n_draft, "new_tokens": n_tokens,
             "plain_step_s": out["plain"]["step_s"], "speculative_step_s": out["speculative"]["step_s"],
@@ -215,7 +219,7 @@ def measure_model(name: str, cfg, dtype, batch: int, prompt_len: int, impls: lis
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     seqs = list(range(batch))
-    caches = {impl: PackedKVCache.for_model(model, batch, prompt_len + 1) for impl in impls}
+    caches = {impl: PackedKVCache.for_model(model, batch, prompt_len + cfg.mtp_steps + 1) for impl in impls}
 
     def prefill(cache):
         def run():
@@ -224,9 +228,9 @@ def measure_model(name: str, cfg, dtype, batch: int, prompt_len: int, impls: lis
             return model.lm_head(h[torch.arange(1, batch + 1) * prompt_len - 1])
         return run
 
-    def decode(cache):
-        def run():  # one token per sequence on a prompt_len-token cache, then rolled back
-            h = _main_forward(model, cache, seqs, [[7]] * batch, model.attn_mode)
+    def decode(cache, n=1):
+        def run():  # n tokens per sequence on a prompt_len-token cache, then rolled back
+            h = _main_forward(model, cache, seqs, [[7] * n] * batch, model.attn_mode)
             tok, _ = sample(model.lm_head(h), 0.0, 1.0)
             for b in seqs:
                 cache.truncate(b, prompt_len)
@@ -241,7 +245,10 @@ def measure_model(name: str, cfg, dtype, batch: int, prompt_len: int, impls: lis
             fns[f"prefill_{impl}"] = with_impl(impl, prefill(caches[impl]))
         # prefill timing refills the caches with the same tokens, so decode reads a full cache either way
         t = bu.bench_many(fns, **bench_kw)
-        t |= bu.bench_many({f"decode_{impl}": with_impl(impl, decode(caches[impl])) for impl in impls}, **bench_kw)
+        dec = {f"decode_{impl}": with_impl(impl, decode(caches[impl])) for impl in impls}
+        if cfg.num_nextn_predict_layers and cfg.mtp_steps:  # a speculative verify: n_draft + 1 tokens per sequence
+            dec["verify"] = with_impl(impls[0], decode(caches[impls[0]], cfg.mtp_steps + 1))
+        t |= bu.bench_many(dec, **bench_kw)
     n_params = sum(p.numel() for p in model.parameters())
     row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "layers": cfg.num_hidden_layers, "params": n_params,
            "batch": batch, "prompt_len": prompt_len, "index_topk": cfg.index_topk}
@@ -250,8 +257,9 @@ def measure_model(name: str, cfg, dtype, batch: int, prompt_len: int, impls: lis
         row[f"decode_{impl}"] = t[f"decode_{impl}"].as_dict() | {"tokens_per_s": batch / t[f"decode_{impl}"].median}
     if len(impls) == 2:
         row["kernel_speedup"] = {k: row[f"{k}_reference"]["median_s"] / row[f"{k}_kernel"]["median_s"] for k in ("prefill", "decode")}
-    if cfg.num_nextn_predict_layers and cfg.mtp_steps:
+    if "verify" in t:
         row["speculative"] = measure_speculative(model, prompts, impls[0], spec_tokens, row[f"prefill_{impls[0]}"]["median_s"])
+        row["speculative"]["verify_over_decode"] = t["verify"].median / t[f"decode_{impls[0]}"].median
     progress.step(f"{name}: " + ", ".join(f"{k} {impl} {row[f'{k}_{impl}']['tokens_per_s']:.0f} tok/s"
                                           for k in ("prefill", "decode") for impl in impls))
     del model, caches
@@ -301,7 +309,8 @@ def format_tables(res: dict) -> str:
             s = r["speculative"]
             L.append(f"{r['model']:>22} | {s['n_draft']} drafts | plain step {s['plain_step_s'] * 1e3:.1f} ms, speculative step "
                      f"{s['speculative_step_s'] * 1e3:.1f} ms -> pays off above a mean accept length of "
-                     f"{s['break_even_accept_length']:.2f} (random weights accept {s['mean_accept_length_random_weights']:.2f})")
+                     f"{s['break_even_accept_length']:.2f} (random weights accept {s['mean_accept_length_random_weights']:.2f}); "
+                     f"the verify forward over {s['n_draft'] + 1} tokens per sequence costs {s['verify_over_decode']:.2f} decode steps")
     return "\n".join(L)
 
 
