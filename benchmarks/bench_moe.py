@@ -1,8 +1,8 @@
 """GLM-5's routed experts on the CPU: glm5.ops.moe_experts against its baselines, side by side in one run.
 
-Two parts, every row timed round-robin with its baselines (bench_utils.bench_many), so a shared
-machine's load drift hits them alike (only the per-expert loop, many times slower, is timed on its
-own after the others: --loop-reps times, after a warm-up on an eighth of the tokens):
+Two parts, every row timed round-robin with its baselines (bench_utils.bench_many: median of
+--reps calls after one warm-up call; the per-expert loop warms up on an eighth of the tokens), so a
+shared machine's load drift hits them alike:
 
 1. grouped GEMM vs its ceiling: glm5.ops.grouped_gemm (the experts' gate_up projection, x [M, D] @
    w[e]^T -> [M, 2F], M = experts x rows per expert) against one dense torch.matmul of the same
@@ -24,9 +24,9 @@ one). The other cases use real, separate weights.
 
     python benchmarks/bench_moe.py                      # bf16, ~2-3 min on 2 idle cores
     python benchmarks/bench_moe.py --quick              # ~30 s
-    python benchmarks/bench_moe.py --dtype fp32 --tokens 2048 --small-tokens 2048,8192
+    python benchmarks/bench_moe.py --dtype fp32 --tokens 2048 --small-tokens 2048,8192 --threads 1
 
-Results: a table on stdout and benchmarks/results/bench_moe_cpu_<dtype>.json.
+Results: a table on stdout and benchmarks/results/bench_moe_cpu_<dtype>_<threads>t.json.
 FLOPs: a multiply-add counts 2; experts: 6 * D * F per (token, slot); backward = 2x forward.
 """
 
@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -159,6 +161,36 @@ def routed_tokens(shape: ExpertShape, tokens: int, dtype, gen: torch.Generator):
 
 
 # ---------------------------------------------------------------------------------------------
+# Timing: wall time, and the process's CPU time (all threads) of the same calls
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_round_robin(fns: dict, *, warmup: int, reps: int) -> dict[str, dict]:
+    """bench_utils.bench_many's round-robin, also recording each call's process CPU time.
+
+    On a machine shared with other jobs a call's wall time includes the time its threads wait for a
+    core; FLOPs per CPU-second (time.process_time, every thread of this process) measure how well
+    the work itself runs, whoever else is on the machine (time spent spinning at a barrier counts).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: {**bu.Timing(wall[k]).as_dict(), "cpu_median_s": statistics.median(cpu[k])} for k in fns}
+
+
+def rates(flops: int, t: dict) -> dict:
+    return {"gflops": flops / t["median_s"] / 1e9, "gflop_per_cpu_s": flops / t["cpu_median_s"] / 1e9, **t}
+
+
+# ---------------------------------------------------------------------------------------------
 # Part 1: grouped GEMM vs dense matmul
 # ---------------------------------------------------------------------------------------------
 
@@ -181,14 +213,17 @@ def bench_gemm(args, dtype, progress) -> list[dict]:
         if args.grouped_mm:
             ends = offsets[1:].to(torch.int32)
             fns["torch._grouped_mm"] = lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
-        t = bu.bench_many(fns, warmup=1, min_reps=args.reps, max_reps=args.reps, budget_s=0)
+        t = bench_round_robin(fns, warmup=1, reps=args.reps)
         flops = bu.matmul_flops(M, N, D)
         row = {"experts": E, "rows_per_expert": r, "M": M, "K": D, "N": N, "gflop": flops / 1e9}
         for name, tm in t.items():
-            row[name] = {"gflops": flops / tm.median / 1e9, **tm.as_dict()}
-        row["grouped_vs_dense"] = row["glm5.grouped_gemm"]["gflops"] / row["dense matmul (ceiling)"]["gflops"]
+            row[name] = rates(flops, tm)
+        g, d = row["glm5.grouped_gemm"], row["dense matmul (ceiling)"]
+        row["grouped_vs_dense"] = g["gflops"] / d["gflops"]
+        row["grouped_vs_dense_cpu"] = g["gflop_per_cpu_s"] / d["gflop_per_cpu_s"]
         rows.append(row)
-        progress.step(f"grouped GEMM, {r} rows/expert: {row['grouped_vs_dense']:.0%} of dense")
+        progress.step(f"grouped GEMM, {r} rows/expert: {row['grouped_vs_dense']:.0%} of dense "
+                      f"({row['grouped_vs_dense_cpu']:.0%} per CPU-second)")
     return rows
 
 
@@ -232,15 +267,15 @@ def bench_experts(args, dtype, shape: ExpertShape, tokens: int, shared: bool, ba
         except RuntimeError as e:  # no CPU backward for _grouped_mm in this torch
             print(f"  torch._grouped_mm backward unavailable: {e}", file=sys.stderr)
             del fns["torch._grouped_mm pipeline"]
-    loop_fn = fns.pop(loop)
     with torch.no_grad() if not backward else torch.enable_grad():
-        t = bu.bench_many(fns, warmup=1, min_reps=args.reps, max_reps=args.reps, budget_s=0)
-        # The loop is several times slower than the rest: warm it up on an eighth of the tokens
-        # (forward only), then time it loop_reps times.
+        # Warm-up: one call of each, but the loop (the slowest by far) runs on an eighth of the tokens.
+        for name, fn in fns.items():
+            if name != loop:
+                fn()
         n = max(1, tokens // 8)
         with torch.no_grad():
             methods[loop](x[:n], topk_idx[:n], topk_w[:n], w_gate_up, w_down)
-        t[loop] = bu.bench_many({loop: loop_fn}, warmup=0, min_reps=args.loop_reps, max_reps=args.loop_reps, budget_s=0)[loop]
+        t = bench_round_robin(fns, warmup=0, reps=args.reps)
     flops = tokens * shape.topk * shape.flops_per_slot() * (3 if backward else 1)
     row = {
         **dataclasses.asdict(shape), "tokens": tokens, "backward": backward, "shared_weights": shared,
@@ -248,11 +283,12 @@ def bench_experts(args, dtype, shape: ExpertShape, tokens: int, shared: bool, ba
         "empty_experts": int((load == 0).sum()), "gflop": flops / 1e9,
     }
     for name, tm in t.items():
-        row[name] = {"gflops": flops / tm.median / 1e9, **tm.as_dict()}
+        row[name] = rates(flops, tm)
     row["loop"] = loop
     row["speedup_vs_loop"] = row[loop]["median_s"] / row["glm5.moe_experts"]["median_s"]
+    row["speedup_vs_loop_cpu"] = row[loop]["cpu_median_s"] / row["glm5.moe_experts"]["cpu_median_s"]
     progress.step(f"experts D{shape.dim} F{shape.ffn} N{tokens}{' fwd+bwd' if backward else ''}: "
-                  f"{row['speedup_vs_loop']:.2f}x the loop")
+                  f"{row['speedup_vs_loop']:.2f}x the loop ({row['speedup_vs_loop_cpu']:.2f}x per CPU-second)")
     return row
 
 
@@ -262,25 +298,29 @@ def bench_experts(args, dtype, shape: ExpertShape, tokens: int, shared: bool, ba
 
 
 def print_tables(gemm_rows, expert_rows) -> None:
+    """Cells: wall-clock GFLOP/s / GFLOP per CPU-second (see bench_round_robin)."""
     if gemm_rows:
         names = [k for k in gemm_rows[0] if isinstance(gemm_rows[0][k], dict)]
-        print(f"\nGrouped GEMM (gate_up, {gemm_rows[0]['experts']} experts, K={gemm_rows[0]['K']}, N={gemm_rows[0]['N']}): GFLOP/s")
-        print(f"{'rows/expert':>12} " + " ".join(f"{n:>24}" for n in names) + f" {'grouped/dense':>14}")
+        r0 = gemm_rows[0]
+        print(f"\nGrouped GEMM (gate_up: {r0['experts']} experts, K={r0['K']}, N={r0['N']}): "
+              "GFLOP/s wall / GFLOP per CPU-second")
+        print(f"{'rows/expert':>12} " + " ".join(f"{n:>24}" for n in names) + f" {'grouped/dense':>15}")
         for r in gemm_rows:
-            print(f"{r['rows_per_expert']:>12} " + " ".join(f"{r[n]['gflops']:>24.1f}" for n in names)
-                  + f" {r['grouped_vs_dense']:>13.0%}")
+            cells = [f"{r[n]['gflops']:.0f} / {r[n]['gflop_per_cpu_s']:.0f}" for n in names]
+            ratio = f"{r['grouped_vs_dense']:.0%} / {r['grouped_vs_dense_cpu']:.0%}"
+            print(f"{r['rows_per_expert']:>12} " + " ".join(f"{c:>24}" for c in cells) + f" {ratio:>15}")
     if expert_rows:
-        print("\nRouted experts (top-8 of 256): median ms (GFLOP/s)")
+        print("\nRouted experts (top-8 of 256): median ms wall (GFLOP/s wall / GFLOP per CPU-second)")
         names = sorted({k for r in expert_rows for k in r if isinstance(r[k], dict)}, key=lambda n: ("ceiling" in n, n))
         names = [n for n in names if n not in (LOOP_FWD, LOOP_BWD)]
         names.insert(1, "loop")
-        print(f"{'case':>28} {'rows/exp':>9} " + " ".join(f"{n:>28}" for n in names) + f" {'vs loop':>8}")
+        print(f"{'case':>24} {'rows/exp':>8} " + " ".join(f"{n:>28}" for n in names) + f" {'vs loop':>13}")
         for r in expert_rows:
             case = f"D{r['dim']} F{r['ffn']} N{r['tokens']}" + (" fwd+bwd" if r["backward"] else " fwd")
             cells = [r[r[n]] if n == "loop" else r.get(n) for n in names]
-            cells = [f"{c['median_s'] * 1e3:.0f} ({c['gflops']:.0f})" if c else "n/a" for c in cells]
-            print(f"{case:>28} {r['rows_per_expert_mean']:>9.0f} " + " ".join(f"{c:>28}" for c in cells)
-                  + f" {r['speedup_vs_loop']:>7.2f}x")
+            cells = [f"{c['median_s'] * 1e3:.0f} ({c['gflops']:.0f} / {c['gflop_per_cpu_s']:.0f})" if c else "n/a" for c in cells]
+            ratio = f"{r['speedup_vs_loop']:.1f}x / {r['speedup_vs_loop_cpu']:.1f}x"
+            print(f"{case:>24} {r['rows_per_expert_mean']:>8.0f} " + " ".join(f"{c:>28}" for c in cells) + f" {ratio:>13}")
 
 
 def main(argv=None) -> None:
@@ -291,15 +331,17 @@ def main(argv=None) -> None:
     p.add_argument("--small-dim", type=int, default=1536, help="D of the smaller-width variant")
     p.add_argument("--small-ffn", type=int, default=512, help="F of the smaller-width variant")
     p.add_argument("--tokens", default="1024", help="token counts at GLM-5's width (forward), comma-separated")
-    p.add_argument("--small-tokens", default="2048,8192", help="token counts at the smaller width (fwd and fwd+bwd)")
+    p.add_argument("--small-tokens", default="2048", help="token counts at the smaller width (fwd and fwd+bwd)")
     p.add_argument("--gemm-experts", type=int, default=16, help="experts in the grouped-GEMM part")
-    p.add_argument("--rows-per-expert", default="16,32,64,128", help="rows per expert in the grouped-GEMM part")
+    p.add_argument("--rows-per-expert", default="16,32,64,128,256", help="rows per expert in the grouped-GEMM part")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of every function (after one warm-up)")
-    p.add_argument("--loop-reps", type=int, default=1, help="timed repetitions of the (slow) per-expert loop")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--backward-tokens", default="2048", help="token counts of the fwd+bwd rows (smaller width)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run (~30 s)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench_moe_cpu_<dtype>.json)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.small_tokens, args.backward_tokens = "256", "1024", "1024"
         args.rows_per_expert, args.reps = "16,64", 2
@@ -317,6 +359,7 @@ def main(argv=None) -> None:
     progress = bu.Progress(plan)
     print(f"bench_moe: {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"torch._grouped_mm on CPU: {'yes' if args.grouped_mm else 'no'}", file=sys.stderr)
+    load_start = bu.machine_info()["load_avg_1m"]
     gemm_rows = bench_gemm(args, dtype, progress)
     expert_rows = [bench_experts(args, dtype, full, n, shared=True, backward=False, progress=progress) for n in tokens]
     for n in small_tokens:
@@ -324,9 +367,11 @@ def main(argv=None) -> None:
     for n in backward_tokens:
         expert_rows.append(bench_experts(args, dtype, small, n, shared=False, backward=True, progress=progress))
     print_tables(gemm_rows, expert_rows)
-    out = args.out or bu.RESULTS_DIR / f"bench_moe_cpu_{args.dtype}.json"
+    threads = torch.get_num_threads()
+    out = args.out or bu.RESULTS_DIR / f"bench_moe_cpu_{args.dtype}_{threads}t.json"
     cmd = "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    bu.write_json(out, {"command": cmd.strip(), "dtype": args.dtype, "grouped_gemm": gemm_rows, "experts": expert_rows})
+    bu.write_json(out, {"command": cmd.strip(), "dtype": args.dtype, "threads": threads, "load_avg_1m_at_start": load_start,
+                        "grouped_gemm": gemm_rows, "experts": expert_rows})
     print(f"\nwrote {out}")
 
 
