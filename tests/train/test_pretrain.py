@@ -205,7 +205,7 @@ DRIVER = textwrap.dedent("""
     from glm5.train import pretrain as P
 
     out, kill_after, resume, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
-    cfg = _resume_cfg(Path({cache!r}))
+    cfg = _resume_cfg(Path({cache!r})).replace(expert_parallel=len(sys.argv) > 5 and sys.argv[5] == "ep")
     if batch:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, batch_size=batch),
                           stages=tuple(s.replace(batch_size=None) for s in cfg.stages))
@@ -218,7 +218,7 @@ DRIVER = textwrap.dedent("""
             calls[0] += 1
             return step(self)
         P.Pretrainer.train_step = train_step
-    P.pretrain(cfg, out, resume=resume, progress=False, quiet=True)
+    P.pretrain(cfg, out, resume=resume, progress=False, quiet=True, threads=None if "WORLD_SIZE" in os.environ else 1)
 """)
 
 
@@ -249,7 +249,7 @@ def test_sigkilled_run_resumes_with_identical_losses(cache_env, tmp_path):
     r = _run([sys.executable, str(drv), str(run), "-1", "1", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_metrics(ref / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
-    assert [x["step"] for x in b] == [x["step"] for x in a] == list(range(1, 17))
+    assert [x["step"] for x in b] == [x["step"] for x in a] == list(range(1, 13))
     for key in ("loss", "lr", "tokens", "total_loss", "grad_norm", "val_loss", "indexer_loss"):
         assert [x.get(key) for x in a] == [x.get(key) for x in b], key
     assert (json.loads((ref / "summary.json").read_text())["val_loss"]
@@ -260,10 +260,11 @@ def test_stopped_at_a_stage_boundary_and_continued_matches(cache_env, tmp_path):
     """max_steps stops a run at the end of the pretrain stage; `resume` continues it to the end exactly."""
     cfg = _resume_cfg(cache_env)
     cfg = cfg.replace(stages=(cfg.stages[0].replace(steps=3), cfg.stages[2], cfg.stages[3]), ckpt_every=100)
-    ra = pretrain(cfg, tmp_path / "a", progress=False, quiet=True)
-    rb = pretrain(cfg, tmp_path / "b", max_steps=3, progress=False, quiet=True)
+    kw = dict(progress=False, quiet=True, threads=1)
+    ra = pretrain(cfg, tmp_path / "a", **kw)
+    rb = pretrain(cfg, tmp_path / "b", max_steps=3, **kw)
     assert rb.step == 3 and not (tmp_path / "b" / "checkpoints" / "step_00000004").exists()
-    rb = pretrain(cfg, tmp_path / "b", resume=True, progress=False, quiet=True)
+    rb = pretrain(cfg, tmp_path / "b", resume=True, **kw)
     assert rb.step == ra.step == cfg.total_steps and rb.val_loss == ra.val_loss
     a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
     assert [x["loss"] for x in a] == [x["loss"] for x in b] and [x["lr"] for x in a] == [x["lr"] for x in b]
@@ -274,19 +275,48 @@ def test_stopped_at_a_stage_boundary_and_continued_matches(cache_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(cache_env, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "ddp+ep"])
+def test_two_gloo_ranks_match_one_process(cache_env, tmp_path, mode):
     """torchrun with 2 ranks x 2 rows per step vs one process x 4 rows: the same global batch, so the
-    same losses up to the per-rank averaging (each rank averages over its own tokens) and float order."""
+    same losses up to the per-rank averaging (each rank averages over its own tokens) and float order.
+    With expert parallelism each rank holds half of every MoE layer's experts; its checkpoints and HF
+    export hold the full model."""
     drv = _driver(tmp_path, cache_env)
     one, two = tmp_path / "one", tmp_path / "two"
     r = _run([sys.executable, str(drv), str(one), "-1", "0", "4"])
     assert r.returncode == 0, r.stderr[-3000:]
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              str(drv), str(two), "-1", "0", "2"])
+              str(drv), str(two), "-1", "0", "2", "ep" if mode == "ddp+ep" else "dp"])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [x["step"] for x in a] == [x["step"] for x in b] and [x["tokens"] for x in a] == [x["tokens"] for x in b]
     la, lb = torch.tensor([x["loss"] for x in a]), torch.tensor([x["loss"] for x in b])
-    torch.testing.assert_close(lb, la, rtol=0, atol=0.03)
-    assert (la - lb).abs().mean() < 0.01
-    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 0.03
+    assert abs(la[0] - lb[0]) < 1e-4  # same weights, same rows: only the per-rank averaging differs
+    torch.testing.assert_close(lb, la, rtol=0, atol=5e-3)  # measured: <= 7e-4 over 12 steps
+    assert (la - lb).abs().mean() < 2e-3
+    ga, gb = torch.tensor([x["grad_norm"] for x in a]), torch.tensor([x["grad_norm"] for x in b])
+    torch.testing.assert_close(gb, ga, rtol=0.02, atol=0)
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 5e-3
+    full = GLM5ForCausalLM.from_pretrained(two / "hf")  # the export holds every expert
+    ref = GLM5ForCausalLM.from_pretrained(one / "hf")
+    for (n, p), (_, q) in zip(full.named_parameters(), ref.named_parameters()):
+        assert p.shape == q.shape, n
+
+
+def test_expert_parallel_world_of_one_matches(cache_env, tmp_path):
+    """The expert-parallel path in a world of one (dispatch/combine without collectives) trains like the
+    plain MoE, and saves the same parameter names and shapes."""
+    cfg = _resume_cfg(cache_env)
+    cfg = cfg.replace(stages=(cfg.stages[0].replace(steps=3), cfg.stages[3]), export_hf=False)
+    kw = dict(progress=False, quiet=True, threads=1)
+    pretrain(cfg, tmp_path / "a", **kw)
+    pretrain(cfg.replace(expert_parallel=True), tmp_path / "b", **kw)
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
+    la, lb = torch.tensor([x["loss"] for x in a]), torch.tensor([x["loss"] for x in b])
+    assert abs(la[0] - lb[0]) < 1e-5  # same weights, same batch: the same loss up to float order
+    torch.testing.assert_close(lb, la, rtol=0, atol=2e-3)  # then Muon steps amplify float-order differences
+    from glm5.train.checkpoint import list_checkpoints, load_checkpoint
+
+    sa, sb = (load_checkpoint(list_checkpoints(tmp_path / d / "checkpoints")[-1][1], restore_rng=False).model_state
+              for d in "ab")
+    assert {k: v.shape for k, v in sa.items()} == {k: v.shape for k, v in sb.items()}

@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,13 +43,16 @@ import glm5.ops
 from glm5.model import GLM5ForCausalLM, MLAttention, MoE
 
 from .checkpoint import list_checkpoints, load_latest, restore_rng_state, save_checkpoint
-from .data import PackedLoader, build_data
+from .data import Batch, PackedLoader, build_data
 from .metrics import MetricsLogger, ProgressBar, plot_loss_curve, unigram_entropy
 from .optim import build_optimizer, describe
+from .parallel import (Dist, apply_expert_parallel, clip_grad_norm, finish_expert_grads, full_model_state,
+                       full_optimizer_state, init_distributed, load_model_state, load_optimizer_state, wrap_ddp)
 from .schedule import ScheduleConfig, build_scheduler
 from .stages import PretrainConfig, StageConfig
 
-__all__ = ["pretrain", "RunResult", "trainable_names", "set_trainable", "resolve_precision", "Dist"]
+__all__ = ["pretrain", "Pretrainer", "RunResult", "trainable_names", "set_trainable", "resolve_precision", "auto_threads",
+           "RowShuffledLoader", "StepStats"]
 
 
 @dataclass
@@ -64,53 +68,52 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Distributed setup
+# Row-shuffled packing
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
+class RowShuffledLoader(PackedLoader):
+    """A PackedLoader that visits the rows of each epoch in a seeded random order.
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    The stream is packed and cut exactly as PackedLoader's (documents keep their boundaries, ks/ke), but
+    a batch takes B random rows instead of B consecutive ones. A short run then samples the whole corpus
+    instead of the first documents of the epoch's order: in the stdlib, pydoc_data/topics.py alone is
+    200K tokens (half of the debug preset's pretraining), all English help text. The state is
+    PackedLoader's (epoch, position); the order is a function of (seed, epoch).
+    """
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._rows_epoch: int | None = None
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+    def row_order(self, epoch: int) -> np.ndarray:
+        if self._rows_epoch != epoch:
+            self._rows = np.random.default_rng([self.seed, epoch, 1]).permutation(self.sequences_per_epoch)
+            self._rows_epoch = epoch
+        return self._rows
 
-    def all_reduce_(self, t: torch.Tensor, op=None) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-        return t
+    def _batch(self, epoch: int, first_row: int) -> Batch:
+        order = self.row_order(epoch)
+        rows = [self.sequence(epoch, int(order[first_row + j])) for j in range(self.batch_size)]
+        windows = torch.from_numpy(np.stack([w for w, _ in rows]))
+        doc_start = torch.from_numpy(np.stack([d for _, d in rows]))
+        return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), doc_start)
 
 
-def init_distributed(device: str | None = None) -> Dist:
-    """Join the torchrun process group if WORLD_SIZE > 1 (Gloo on CPU, NCCL on CUDA); else a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
-        torch.cuda.set_device(dev)
-    if world <= 1:
-        return Dist(device=dev)
-    here = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        here = True
-    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
-                initialized_here=here)
+# --------------------------------------------------------------------------------------------------
+# Threads and precision
+
+
+def auto_threads() -> int:
+    """CPU threads for training: torch's default (one per core), fewer when the 1-minute load average
+    says other processes hold the cores. OpenMP threads that wait at every barrier for a descheduled
+    partner make each small op cost a scheduler time slice: on a busy 2-core machine the debug
+    pretraining step took 6.3 s with 2 threads and 1.1 s with 1 (benchmarks/README.md). An explicit
+    OMP_NUM_THREADS is left alone."""
+    n = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return n
+    free = (os.cpu_count() or n) - os.getloadavg()[0]
+    return max(1, min(n, math.floor(free + 0.5)))
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -217,7 +220,8 @@ class Pretrainer:
     """One run over cfg.stages in out_dir; `run()` trains up to max_steps (the chain's global step count)."""
 
     def __init__(self, cfg: PretrainConfig, out_dir: str | os.PathLike, *, max_steps: int | None = None,
-                 resume: bool = False, progress: bool = True, device: str | None = None, quiet: bool = False):
+                 resume: bool = False, progress: bool = True, device: str | None = None, quiet: bool = False,
+                 threads: int | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.total = cfg.total_steps
@@ -228,6 +232,11 @@ class Pretrainer:
         self.dist = init_distributed(device)
         self.device = self.dist.device
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.threads_requested = threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+        elif self.device.type == "cpu":
+            torch.set_num_threads(auto_threads())
         self.ckpt_dir = self.out / "checkpoints"
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +273,8 @@ class Pretrainer:
                                       bos_token_id=tok.eos_id)
         torch.manual_seed(self.cfg.seed)
         model = GLM5ForCausalLM(mcfg).to(self.device)
+        # every rank built the same full model; expert parallelism keeps this rank's experts of each layer
+        self.expert_names = apply_expert_parallel(model) if self.cfg.expert_parallel else []
         return model
 
     def _rope_theta(self, i: int) -> float:
@@ -278,18 +289,16 @@ class Pretrainer:
         self.stage_idx, self.stage = i, st
         self.model.config.rope_theta = self._rope_theta(i)
         self.trainable = set_trainable(self.model, st)
-        if self.dist.enabled:
-            kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False, **kw)
-        else:
-            self.ddp = self.model
+        self.ddp = wrap_ddp(self.model, self.device, self.expert_names) if self.dist.enabled else self.model
         self.opt = build_optimizer(self.model, dataclasses.replace(cfg.optim, lr=st.lr))
         self.sched = build_scheduler(self.opt, ScheduleConfig(kind=st.schedule, warmup_steps=st.warmup_steps,
                                                               total_steps=st.steps, min_ratio=st.min_lr_ratio))
         common = dict(seq_len=cfg.stage_seq_len(i), batch_size=cfg.stage_batch_size(i), rank=self.dist.rank,
                       world_size=self.dist.world_size)
-        self.train_loader = PackedLoader(self.corpus, self.train_ids, shuffle=True, seed=cfg.data.shuffle_seed + i, **common)
-        self.val_loader = PackedLoader(self.corpus, self.val_ids, shuffle=False, **common)
+        self.train_loader = RowShuffledLoader(self.corpus, self.train_ids, shuffle=True, seed=cfg.data.shuffle_seed + i,
+                                              **common)
+        # the validation rows: a fixed random sample over every held-out document, the same at every call
+        self.val_loader = RowShuffledLoader(self.corpus, self.val_ids, shuffle=False, seed=cfg.data.split_seed, **common)
 
     def _describe_stage(self) -> None:
         st, i = self.stage, self.stage_idx
@@ -331,8 +340,11 @@ class Pretrainer:
                 (out.loss / st.grad_accum).backward()
             vals = [out.lm_loss, out.mtp_loss, out.indexer_loss, out.loss]
             sums += torch.tensor([float(v.detach()) if v is not None else math.nan for v in vals], dtype=torch.float64)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        finish_expert_grads(self.model, self.dist.world_size)
+        sharded = set(self.expert_names)
+        params = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in sharded]
+        shards = [p for n, p in self.model.named_parameters() if p.requires_grad and n in sharded]
+        gnorm = clip_grad_norm(params, shards, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"), self.dist)
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
@@ -382,10 +394,14 @@ class Pretrainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        # world-size independent: expert shards gathered (a collective: every rank takes part)
+        model_state = full_model_state(self.model, self.dist)
+        opt_state = full_optimizer_state(self.model, self.opt, self.dist)
         if self.dist.main:
-            save_checkpoint(self.ckpt_dir, step, model=self.model, optimizer=self.opt, scheduler=self.sched,
+            save_checkpoint(self.ckpt_dir, step, model=model_state, optimizer=_State(opt_state), scheduler=self.sched,
                             data=self.train_loader, config=asdict(self.cfg), keep_last=self.cfg.keep_last,
-                            extra={"stage": self.stage_idx, "stage_name": self.stage.name, "tokens": self.tokens})
+                            extra={"stage": self.stage_idx, "stage_name": self.stage.name, "tokens": self.tokens,
+                                   "threads": torch.get_num_threads()})
         self.dist.barrier()
 
     def _restore(self) -> int:
@@ -398,15 +414,18 @@ class Pretrainer:
             self.tokens = 0
             return 0
         step = ckpt.step
-        self.model.load_state_dict(ckpt.model_state)
-        self.tokens = int(ckpt.extra.get("tokens", 0)) if isinstance(ckpt.extra, dict) else 0
+        load_model_state(self.model, ckpt.model_state, self.dist)
+        extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+        self.tokens = int(extra.get("tokens", 0))
+        if self.threads_requested is None and extra.get("threads") and self.device.type == "cpu":
+            torch.set_num_threads(int(extra["threads"]))  # CPU results depend on it: resume exactly
         if step >= self.total:
             self._enter_stage(len(self.cfg.stages) - 1)
         else:
             i = self.cfg.stage_at(step)
             self._enter_stage(i)
             if step > self.cfg.stage_starts()[i]:  # mid-stage: continue its optimizer, schedule and data
-                self.opt.load_state_dict(ckpt.optimizer_state)
+                load_optimizer_state(self.model, self.opt, ckpt.optimizer_state, self.dist)
                 self.sched.load_state_dict(ckpt.scheduler_state)
                 self.train_loader.load_state_dict(ckpt.data_state)
         if ckpt.rng_state is not None:
@@ -429,7 +448,8 @@ class Pretrainer:
         self.log(f"glm5 pretrain {cfg.name!r}: {n_params / 1e6:.2f}M parameters, vocab {self.tokenizer.vocab_size}, "
                  f"{self.corpus.num_docs} documents / {self.corpus.num_tokens:,} tokens "
                  f"({len(self.val_ids)} held out), unigram entropy {self.entropy:.3f} nats/token, "
-                 f"device {self.device}, {self.dist.world_size} rank(s), "
+                 f"device {self.device}" + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "") +
+                 f", {self.dist.world_size} rank(s), "
                  f"precision {'bf16 autocast' if self.amp_dtype else 'fp32'}, ops {glm5.ops.get_impl()}, "
                  f"steps {step} -> {self.stop} of {self.total}")
         logger = MetricsLogger(self.out, resume_step=step if self.resume else None) if self.dist.main else None
@@ -467,17 +487,22 @@ class Pretrainer:
         result = RunResult(out_dir=self.out, step=step, total_steps=self.total, tokens=self.tokens,
                            wall_s=time.perf_counter() - t0, val_loss=val_loss, val_loss_dense=val_dense,
                            unigram_entropy=self.entropy)
+        full = full_model_state(self.model, self.dist) if self.expert_names and self.cfg.export_hf else None
         if self.dist.main:
-            self._finish(result)
+            self._finish(result, full)
         self.dist.barrier()
         return result
 
-    def _finish(self, r: RunResult) -> None:
+    def _finish(self, r: RunResult, full_state: dict | None) -> None:
         plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", hline=r.unigram_entropy,
                         title=f"glm5 pretrain {self.cfg.name}")
         if self.cfg.export_hf:
             hf = self.out / "hf"
-            self.model.save_pretrained(hf)
+            model = self.model
+            if full_state is not None:  # expert parallel: a full model from the gathered state
+                model = GLM5ForCausalLM(self.model.config, init=False).to(self.device)
+                model.load_state_dict(full_state)
+            model.save_pretrained(hf)
             self.tokenizer.save(hf / "tokenizer.json")
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(r).items()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -492,13 +517,29 @@ class Pretrainer:
                  (", hf/" if self.cfg.export_hf else ""))
 
 
+class _State:
+    """An object whose state_dict() is a given dict (save_checkpoint takes objects)."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, max_steps: int | None = None, resume: bool = False,
-             progress: bool = True, device: str | None = None, quiet: bool = False) -> RunResult:
-    """Train cfg's stage chain in out_dir up to global step max_steps (default: the whole chain)."""
-    trainer = Pretrainer(cfg, out_dir, max_steps=max_steps, resume=resume, progress=progress, device=device, quiet=quiet)
+             progress: bool = True, device: str | None = None, quiet: bool = False, threads: int | None = None) -> RunResult:
+    """Train cfg's stage chain in out_dir up to global step max_steps (default: the whole chain).
+
+    threads: CPU threads (default: auto_threads(), or on resume the checkpoint's, since CPU results
+    depend on the thread count)."""
+    n_threads = torch.get_num_threads()
+    trainer = Pretrainer(cfg, out_dir, max_steps=max_steps, resume=resume, progress=progress, device=device, quiet=quiet,
+                         threads=threads)
     try:
         return trainer.run()
     finally:
+        torch.set_num_threads(n_threads)
         if trainer.dist.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -520,6 +561,10 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", default=None, help="an existing tokenizer.json instead of training a BPE")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"], help="default: the preset's (auto)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="shard each MoE layer's experts over the torchrun ranks (with data parallel over the rest)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: one per free core by the load average; a resumed run keeps its own)")
     p.add_argument("--ops", default=None, choices=["kernel", "reference"], help="glm5.ops implementation")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
@@ -535,11 +580,12 @@ def main_from_args(args) -> int:
         data = dataclasses.replace(data, source=args.data)
     if args.tokenizer is not None:
         data = dataclasses.replace(data, tokenizer=args.tokenizer)
-    cfg = cfg.replace(data=data, precision=args.precision or cfg.precision)
+    cfg = cfg.replace(data=data, precision=args.precision or cfg.precision,
+                      expert_parallel=args.expert_parallel or cfg.expert_parallel)
     if args.ops is not None:
         glm5.ops.set_impl(args.ops)
     r = pretrain(cfg, args.out, max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
-                 device=args.device)
+                 device=args.device, threads=args.threads)
     if r.val_loss is not None and r.step == r.total_steps and not r.val_loss < r.unigram_entropy:
         print(f"glm5 pretrain: warning: validation loss {r.val_loss:.3f} is not below the unigram entropy "
               f"{r.unigram_entropy:.3f} (too few steps to learn more than token frequencies)", file=sys.stderr)
