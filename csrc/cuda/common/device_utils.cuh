@@ -1,0 +1,58 @@
+// Small device helpers shared by the glm5 CUDA kernels (no ATen): dtype conversions to and from the
+// compute type, exp/log for float and double, deterministic warp reductions (fixed butterfly order).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace glm5::cuda {
+
+template <typename ct, typename T>
+__device__ __forceinline__ ct to_ct(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return static_cast<ct>(__bfloat162float(v));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return static_cast<ct>(__half2float(v));
+  } else {
+    return static_cast<ct>(v);
+  }
+}
+
+// Round-to-nearest-even conversion of a compute value to the storage type.
+template <typename T, typename ct>
+__device__ __forceinline__ T from_ct(ct v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(static_cast<float>(v));
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+
+template <typename ct>
+__device__ __forceinline__ ct neg_inf() {
+  return -static_cast<ct>(INFINITY);
+}
+
+// Butterfly reductions over a full warp: every lane ends with the same value, the order is fixed.
+template <typename ct>
+__device__ __forceinline__ ct warp_sum(ct v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename ct>
+__device__ __forceinline__ ct warp_max(ct v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+}  // namespace glm5::cuda
