@@ -22,7 +22,7 @@ case gives expert e the weights w[e] = buffer[8e : 8e + 2F*D] (overlapping views
 every expert has its own [2F, D] matrix, streamed from memory by its own GEMM, and the memory of
 one). The other cases use real, separate weights.
 
-    python benchmarks/bench_moe.py                      # bf16, ~2-3 min on 2 idle cores
+    python benchmarks/bench_moe.py                      # bf16, ~2 min on 2 idle cores
     python benchmarks/bench_moe.py --quick              # ~30 s
     python benchmarks/bench_moe.py --dtype fp32 --tokens 2048 --small-tokens 2048,8192 --threads 1
 
@@ -330,9 +330,9 @@ def main(argv=None) -> None:
     p.add_argument("--ffn", type=int, default=2048, help="expert width F (GLM-5: 2048)")
     p.add_argument("--small-dim", type=int, default=1536, help="D of the smaller-width variant")
     p.add_argument("--small-ffn", type=int, default=512, help="F of the smaller-width variant")
-    p.add_argument("--tokens", default="1024", help="token counts at GLM-5's width (forward), comma-separated")
+    p.add_argument("--tokens", default="512", help="token counts at GLM-5's width (forward), comma-separated")
     p.add_argument("--small-tokens", default="2048", help="token counts at the smaller width (fwd and fwd+bwd)")
-    p.add_argument("--gemm-experts", type=int, default=16, help="experts in the grouped-GEMM part")
+    p.add_argument("--gemm-experts", type=int, default=8, help="experts in the grouped-GEMM part")
     p.add_argument("--rows-per-expert", default="16,32,64,128,256", help="rows per expert in the grouped-GEMM part")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of every function (after one warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -370,8 +370,11 @@ def main(argv=None) -> None:
     threads = torch.get_num_threads()
     out = args.out or bu.RESULTS_DIR / f"bench_moe_cpu_{args.dtype}_{threads}t.json"
     cmd = "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    bu.write_json(out, {"command": cmd.strip(), "dtype": args.dtype, "threads": threads, "load_avg_1m_at_start": load_start,
-                        "grouped_gemm": gemm_rows, "experts": expert_rows})
+    payload = {
+        "command": cmd.strip(), "args": {k: v for k, v in vars(args).items() if k != "out"}, "dtype": args.dtype,
+        "threads": threads, "load_avg_1m_at_start": load_start, "grouped_gemm": gemm_rows, "experts": expert_rows,
+    }
+    bu.write_json(out, payload)
     print(f"\nwrote {out}")
 
 

@@ -160,7 +160,10 @@ GEMM_CASES = [
 def gemm_inputs(case: GemmCase, dtype, trans_w=False, integer=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     E, M = len(case.counts), case.lead + sum(case.counts) + case.tail
-    draw = (lambda *s: torch.randint(-4, 5, s, generator=gen).float()) if integer else (lambda *s: torch.randn(*s, generator=gen))
+
+    def draw(*shape):
+        return torch.randint(-4, 5, shape, generator=gen).float() if integer else torch.randn(*shape, generator=gen)
+
     x = draw(M, case.K).to(dtype)
     w = (draw(E, case.K, case.N) if trans_w else draw(E, case.N, case.K)).to(dtype)
     offsets = torch.tensor([0, *case.counts]).cumsum(0) + case.lead
@@ -179,7 +182,8 @@ def test_grouped_gemm_matches_reference(case, dtype, trans_w):
     x, w, offsets = gemm_inputs(case, dtype, trans_w)
     y = glm5.ops.grouped_gemm(x, w, offsets, trans_w)
     assert y.dtype == dtype
-    gemm_tols(y, reference.grouped_gemm(x.double(), w.double(), offsets, trans_w), reference.grouped_gemm(x, w, offsets, trans_w))
+    truth = reference.grouped_gemm(x.double(), w.double(), offsets, trans_w)
+    gemm_tols(y, truth, reference.grouped_gemm(x, w, offsets, trans_w))
     if case.lead or case.tail:
         assert not y[: case.lead].any() and not y[y.shape[0] - case.tail :].any()
 
@@ -191,7 +195,8 @@ def test_grouped_gemm_wgrad_matches_reference(case, dtype):
     dy = torch.randn(x.shape[0], case.N, generator=torch.Generator().manual_seed(1)).to(dtype)
     dw = glm5.ops.grouped_gemm_wgrad(dy, x, offsets)
     assert dw.shape == (len(case.counts), case.N, case.K) and dw.dtype == dtype
-    gemm_tols(dw, reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets), reference.grouped_gemm_wgrad(dy, x, offsets))
+    truth = reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets)
+    gemm_tols(dw, truth, reference.grouped_gemm_wgrad(dy, x, offsets))
     empty = torch.tensor(case.counts) == 0
     assert not dw[empty].any(), "experts without rows get a zero gradient"
 
@@ -202,10 +207,12 @@ def test_grouped_gemm_exact_integers(case, dtype):
     # small integers: every product and partial sum is exact in fp32 accumulation
     for trans_w in (False, True):
         x, w, offsets = gemm_inputs(case, dtype, trans_w, integer=True)
-        assert torch.equal(glm5.ops.grouped_gemm(x, w, offsets, trans_w), reference.grouped_gemm(x.double(), w.double(), offsets, trans_w).to(dtype))
+        exact = reference.grouped_gemm(x.double(), w.double(), offsets, trans_w).to(dtype)
+        assert torch.equal(glm5.ops.grouped_gemm(x, w, offsets, trans_w), exact)
     x, _, offsets = gemm_inputs(case, dtype, integer=True)
     dy = torch.randint(-3, 4, (x.shape[0], 5), generator=torch.Generator().manual_seed(2)).to(dtype)
-    assert torch.equal(glm5.ops.grouped_gemm_wgrad(dy, x, offsets), reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets).to(dtype))
+    exact = reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets).to(dtype)
+    assert torch.equal(glm5.ops.grouped_gemm_wgrad(dy, x, offsets), exact)
 
 
 # ---- moe_experts ------------------------------------------------------------------------------
@@ -396,35 +403,43 @@ _x, _idx = torch.randn(4, 3), torch.tensor([[0, 1], [2, 0], [1, 1], [2, -1]], dt
 _y, _rm, _w = torch.randn(8, 3), torch.tensor([[0, 1], [2, 3], [4, 5], [6, -1]], dtype=torch.int32), torch.rand(4, 2)
 _gx, _gw, _off = torch.randn(6, 4), torch.randn(2, 5, 4), torch.tensor([0, 2, 6])
 
+ops = glm5.ops
+BOTH, KERNEL = ("kernel", "reference"), ("kernel",)  # the reference does not check dtypes
+SHAPE = (RuntimeError, ValueError)  # the kernels' shape checks raise RuntimeError, the references' ValueError
+_gidx = torch.tensor([[0], [1], [2], [0], [1], [2]], dtype=torch.int32)
+
 BAD = [
     # (name, function, expected exception, message must mention, impls that must raise it)
-    ("permute-idx-high", lambda: glm5.ops.moe_permute(_x, _idx, 2), IndexError, "topk_idx", ("kernel", "reference")),
-    ("permute-idx-neg", lambda: glm5.ops.moe_permute(_x, _idx - 2, 3), IndexError, "topk_idx", ("kernel", "reference")),
-    ("permute-idx-int64", lambda: glm5.ops.moe_permute(_x, _idx.long(), 3), (RuntimeError, ValueError), "topk_idx", ("kernel", "reference")),
-    ("permute-idx-rows", lambda: glm5.ops.moe_permute(_x, _idx[:3], 3), (RuntimeError, ValueError), "topk_idx", ("kernel", "reference")),
-    ("permute-x-3d", lambda: glm5.ops.moe_permute(_x[None], _idx, 3), (RuntimeError, ValueError), "x", ("kernel", "reference")),
-    ("permute-x-int", lambda: glm5.ops.moe_permute(_x.int(), _idx, 3), RuntimeError, "x", ("kernel",)),
-    ("permute-align0", lambda: glm5.ops.moe_permute(_x, _idx, 3, 0), ValueError, "alignment", ("kernel", "reference")),
-    ("permute-experts0", lambda: glm5.ops.moe_permute(_x, _idx, 0), ValueError, "num_experts", ("kernel", "reference")),
-    ("unpermute-row-high", lambda: glm5.ops.moe_unpermute(_y, _rm + 2, _w), IndexError, "row_map", ("kernel", "reference")),
-    ("unpermute-row-twice", lambda: glm5.ops.moe_unpermute(_y, _rm.clamp(max=4), _w), ValueError, "row_map", ("kernel", "reference")),
-    ("unpermute-w-shape", lambda: glm5.ops.moe_unpermute(_y, _rm, _w[:, :1]), (RuntimeError, ValueError), "topk_w", ("kernel", "reference")),
-    ("unpermute-y-int", lambda: glm5.ops.moe_unpermute(_y.int(), _rm, _w), RuntimeError, "y_sorted", ("kernel",)),
-    ("unpermute-bwd-grad", lambda: torch.ops.glm5.moe_unpermute_bwd(torch.randn(3, 3), _y, _rm, _w), RuntimeError, "grad", ("kernel",)),
-    ("gemm-offsets-decreasing", lambda: glm5.ops.grouped_gemm(_gx, _gw, torch.tensor([0, 4, 3])), ValueError, "offsets", ("kernel", "reference")),
-    ("gemm-offsets-past-M", lambda: glm5.ops.grouped_gemm(_gx, _gw, torch.tensor([0, 2, 7])), ValueError, "offsets", ("kernel", "reference")),
-    ("gemm-offsets-negative", lambda: glm5.ops.grouped_gemm(_gx, _gw, torch.tensor([-1, 2, 6])), ValueError, "offsets", ("kernel", "reference")),
-    ("gemm-offsets-length", lambda: glm5.ops.grouped_gemm(_gx, _gw, torch.tensor([0, 6])), ValueError, "offsets", ("kernel", "reference")),
-    ("gemm-offsets-int32", lambda: glm5.ops.grouped_gemm(_gx, _gw, _off.int()), ValueError, "offsets", ("kernel", "reference")),
-    ("gemm-K", lambda: glm5.ops.grouped_gemm(_gx, _gw[..., :3], _off), (RuntimeError, ValueError), "K", ("kernel", "reference")),
-    ("gemm-K-trans", lambda: glm5.ops.grouped_gemm(_gx, _gw, _off, True), (RuntimeError, ValueError), "K", ("kernel", "reference")),
-    ("gemm-w-2d", lambda: glm5.ops.grouped_gemm(_gx, _gw[0], _off), (RuntimeError, ValueError), "w", ("kernel", "reference")),
-    ("gemm-w-dtype", lambda: glm5.ops.grouped_gemm(_gx, _gw.double(), _off), RuntimeError, "w", ("kernel",)),
-    ("wgrad-M", lambda: glm5.ops.grouped_gemm_wgrad(torch.randn(5, 5), _gx, _off), (RuntimeError, ValueError), "x|M", ("kernel", "reference")),
-    ("wgrad-offsets", lambda: glm5.ops.grouped_gemm_wgrad(torch.randn(6, 5), _gx, torch.tensor([0, 3, 2])), ValueError, "offsets", ("kernel", "reference")),
-    ("experts-shapes", lambda: glm5.ops.moe_experts(_gx, _idx[:, :1].repeat(2, 1)[:6], torch.rand(6, 1), torch.randn(3, 6, 4), torch.randn(3, 4, 2)),
-     (RuntimeError, ValueError), "w_down|shape", ("kernel", "reference")),
-    ("experts-idx", lambda: glm5.ops.moe_experts(_x, _idx, torch.rand(4, 2), torch.randn(2, 4, 3), torch.randn(2, 3, 2)), IndexError, "topk_idx", ("kernel", "reference")),
+    ("permute-idx-high", lambda: ops.moe_permute(_x, _idx, 2), IndexError, "topk_idx", BOTH),
+    ("permute-idx-neg", lambda: ops.moe_permute(_x, _idx - 2, 3), IndexError, "topk_idx", BOTH),
+    ("permute-idx-int64", lambda: ops.moe_permute(_x, _idx.long(), 3), SHAPE, "topk_idx", BOTH),
+    ("permute-idx-rows", lambda: ops.moe_permute(_x, _idx[:3], 3), SHAPE, "topk_idx", BOTH),
+    ("permute-x-3d", lambda: ops.moe_permute(_x[None], _idx, 3), SHAPE, "x", BOTH),
+    ("permute-x-int", lambda: ops.moe_permute(_x.int(), _idx, 3), RuntimeError, "x", KERNEL),
+    ("permute-align0", lambda: ops.moe_permute(_x, _idx, 3, 0), ValueError, "alignment", BOTH),
+    ("permute-experts0", lambda: ops.moe_permute(_x, _idx, 0), ValueError, "num_experts", BOTH),
+    ("unpermute-row-high", lambda: ops.moe_unpermute(_y, _rm + 2, _w), IndexError, "row_map", BOTH),
+    ("unpermute-row-twice", lambda: ops.moe_unpermute(_y, _rm.clamp(max=4), _w), ValueError, "row_map", BOTH),
+    ("unpermute-w-shape", lambda: ops.moe_unpermute(_y, _rm, _w[:, :1]), SHAPE, "topk_w", BOTH),
+    ("unpermute-y-int", lambda: ops.moe_unpermute(_y.int(), _rm, _w), RuntimeError, "y_sorted", KERNEL),
+    ("unpermute-bwd-grad", lambda: torch.ops.glm5.moe_unpermute_bwd(torch.randn(3, 3), _y, _rm, _w), RuntimeError, "grad",
+     KERNEL),
+    ("gemm-offsets-decreasing", lambda: ops.grouped_gemm(_gx, _gw, torch.tensor([0, 4, 3])), ValueError, "offsets", BOTH),
+    ("gemm-offsets-past-M", lambda: ops.grouped_gemm(_gx, _gw, torch.tensor([0, 2, 7])), ValueError, "offsets", BOTH),
+    ("gemm-offsets-negative", lambda: ops.grouped_gemm(_gx, _gw, torch.tensor([-1, 2, 6])), ValueError, "offsets", BOTH),
+    ("gemm-offsets-length", lambda: ops.grouped_gemm(_gx, _gw, torch.tensor([0, 6])), ValueError, "offsets", BOTH),
+    ("gemm-offsets-int32", lambda: ops.grouped_gemm(_gx, _gw, _off.int()), ValueError, "offsets", BOTH),
+    ("gemm-K", lambda: ops.grouped_gemm(_gx, _gw[..., :3], _off), SHAPE, "K", BOTH),
+    ("gemm-K-trans", lambda: ops.grouped_gemm(_gx, _gw, _off, True), SHAPE, "K", BOTH),
+    ("gemm-w-2d", lambda: ops.grouped_gemm(_gx, _gw[0], _off), SHAPE, "w", BOTH),
+    ("gemm-w-dtype", lambda: ops.grouped_gemm(_gx, _gw.double(), _off), RuntimeError, "w", KERNEL),
+    ("wgrad-M", lambda: ops.grouped_gemm_wgrad(torch.randn(5, 5), _gx, _off), SHAPE, "x|M", BOTH),
+    ("wgrad-offsets", lambda: ops.grouped_gemm_wgrad(torch.randn(6, 5), _gx, torch.tensor([0, 3, 2])), ValueError,
+     "offsets", BOTH),
+    ("experts-shapes", lambda: ops.moe_experts(_gx, _gidx, torch.rand(6, 1), torch.randn(3, 6, 4), torch.randn(3, 4, 2)),
+     SHAPE, "w_down|shape", BOTH),
+    ("experts-idx", lambda: ops.moe_experts(_x, _idx, torch.rand(4, 2), torch.randn(2, 4, 3), torch.randn(2, 3, 2)),
+     IndexError, "topk_idx", BOTH),
 ]
 
 

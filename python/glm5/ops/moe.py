@@ -171,11 +171,13 @@ def sequence_balance_loss(
         raise ValueError(f"seq_lens must be positive and sum to N={N}, got {seq_lens}")
     scores = logits.to(reference.acc_dtype(logits)).sigmoid()
     probs = scores / scores.sum(dim=-1, keepdim=True)
-    seq_id = torch.repeat_interleave(torch.arange(len(seq_lens), device=logits.device), torch.tensor(seq_lens, device=logits.device))
-    chosen = torch.zeros(len(seq_lens), E, dtype=scores.dtype, device=logits.device)
+    dev = logits.device
+    seq_id = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), torch.tensor(seq_lens, device=dev))
+    chosen = torch.zeros(len(seq_lens), E, dtype=scores.dtype, device=dev)  # [S, E] slots per expert
     valid = topk_idx >= 0
-    chosen.index_put_((seq_id[:, None].expand(N, k)[valid], topk_idx[valid].long()), torch.ones((), dtype=scores.dtype), accumulate=True)
-    lens = torch.tensor(seq_lens, dtype=scores.dtype, device=logits.device)[:, None]
+    one = torch.ones((), dtype=scores.dtype, device=dev)
+    chosen.index_put_((seq_id[:, None].expand(N, k)[valid], topk_idx[valid].long()), one, accumulate=True)
+    lens = torch.tensor(seq_lens, dtype=scores.dtype, device=dev)[:, None]
     f = chosen * E / (k * lens)
     P = torch.zeros_like(chosen).index_add(0, seq_id, probs) / lens
     return (f * P).sum(dim=1).mean()
@@ -287,7 +289,9 @@ if glm5.HAS_EXT:
         if ctx.needs_input_grad[0]:
             dx = torch.ops.glm5.grouped_gemm(dy, w, offsets, not ctx.trans_w)
         if ctx.needs_input_grad[1]:
-            dw = torch.ops.glm5.grouped_gemm_wgrad(x, dy, offsets) if ctx.trans_w else torch.ops.glm5.grouped_gemm_wgrad(dy, x, offsets)
+            # trans_w (y = x @ w[e]): dw[e] = x^T dy; else (y = x @ w[e]^T): dw[e] = dy^T x
+            a, b = (x, dy) if ctx.trans_w else (dy, x)
+            dw = torch.ops.glm5.grouped_gemm_wgrad(a, b, offsets)
         return dx, dw, None, None
 
     torch.library.register_autograd("glm5::grouped_gemm", _gemm_backward, setup_context=_gemm_setup)
