@@ -10,6 +10,8 @@ number of summed terms: sqrt(K) eps at the max (a random-walk bound on a K-term 
 
 Documented differences from the CPU kernels (no host sync in the forward):
 - sparse_mla: index values are not range-checked; a slot outside [-1, S) is skipped like -1.
+- indexer_*: ks/ke values are not validated; the kernels clamp them to [0, S].
+- indexer_topk: a NaN score is treated as -inf (never selected) instead of raising ValueError.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from numerics import assert_close_to_ref
 from test_sparse_mla import CASES as MLA_CASES
 from test_sparse_mla import SHARED_KEYS, TINY, dead, make_inputs, out_and_grads, upcast
 from test_sparse_mla import floor as mla_floor
+import test_lightning_indexer as li
 
 pytestmark = pytest.mark.cuda
 
@@ -189,6 +192,148 @@ def test_sparse_mla_bad_input(change, arg):
         BWD(out, q, kv, idx, out, lse, scale, dv)
 
 
+# ---------------------------------------------------------------------------------------------
+# lightning indexer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", li.CASES, ids=str)
+def test_indexer_logits(case, dtype):
+    x = li.make_inputs(case, dtype)
+    out = glm5.ops.indexer_logits(*cuda(x))
+    assert out.is_cuda and out.dtype == torch.float32 and out.shape == (case.T, case.S)
+    out = out.cpu()
+    truth = reference.indexer_logits(*li.upcast(x))
+    lowp = reference.indexer_logits(*x)
+    assert_close_to_ref(out, truth, lowp, name="logits")  # also equal -inf masks
+    if case.ints:
+        assert torch.equal(out, truth.float())  # integer inputs: every score is exact
+
+
+def test_indexer_logits_fp64():
+    x = li.make_inputs(li.CASES[2], torch.float64)
+    out = glm5.ops.indexer_logits(*cuda(x)).cpu()
+    truth = reference.indexer_logits(*x)
+    finite = torch.isfinite(truth)
+    assert torch.equal(finite, torch.isfinite(out))
+    assert float((out[finite] - truth[finite]).abs().max()) < 1e-12 * float(truth[finite].abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", li.BWD_CASES, ids=str)
+def test_indexer_logits_bwd(case, dtype):
+    x = li.make_inputs(case, dtype)
+    g = torch.randn(case.T, case.S, generator=torch.Generator().manual_seed(1))
+    got = li.grads(glm5.ops.indexer_logits, cuda(x), g.cuda())
+    truth = li.grads(reference.indexer_logits, li.upcast(x), g)
+    lowp = li.grads(reference.indexer_logits, x, g)
+    for name, a, t, lp in zip(("dq", "dk", "dw"), got, truth, lowp):
+        assert a.is_cuda and a.dtype == dtype
+        assert_close_to_ref(a.cpu(), t, lp, name=name)
+
+
+def test_indexer_logits_bwd_exact_relu_at_zero():
+    case = li.Case(T=11, S=70, HI=3, DI=4, layout="random", empty_rows=2, ints=True)
+    x = li.make_inputs(case)
+    g = torch.randint(-3, 4, (case.T, case.S), generator=torch.Generator().manual_seed(1)).float()
+    got, want = li.grads(glm5.ops.indexer_logits, cuda(x), g.cuda()), li.grads(reference.indexer_logits, x, g)
+    for name, a, b in zip(("dq", "dk", "dw"), got, want):
+        assert torch.equal(a.cpu(), b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", li.CASES + li.LONG, ids=str)
+def test_indexer_topk(case, dtype):
+    x = cuda(li.make_inputs(case, dtype))
+    idx, val = glm5.ops.indexer_topk(*x, topk=case.topk)
+    assert idx.dtype == torch.int32 and val.dtype == torch.float32 and idx.shape == (case.T, case.topk)
+    # Exactly the selection rule on the CUDA logits kernel's (bitwise shared) scores.
+    own_idx, own_val = li.select_from_logits(glm5.ops.indexer_logits(*x).cpu(), case.topk)
+    assert torch.equal(idx.cpu(), own_idx)
+    assert torch.equal(val.cpu(), own_val)
+    # And against the CPU reference: the same valid counts; exact on integer (tied) inputs.
+    ref_idx, ref_val = reference.indexer_topk(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in x),
+                                              topk=case.topk)
+    assert torch.equal((idx.cpu() >= 0).sum(1), (ref_idx >= 0).sum(1))
+    if case.ints:
+        assert torch.equal(idx.cpu(), ref_idx) and torch.equal(val.cpu(), ref_val)
+
+
+def test_indexer_topk_nan_is_never_selected():
+    # Documented CUDA difference: NaN scores act as -inf (the CPU op raises ValueError).
+    case = li.CASES[1]
+    q, k, w, ks, ke = li.make_inputs(case)
+    k[3] = float("nan")
+    idx, val = glm5.ops.indexer_topk(*cuda((q, k, w, ks, ke)), topk=case.topk)
+    assert not (idx == 3).any() and not val.isnan().any()
+
+
+def test_indexer_opcheck():
+    x = cuda(li.make_inputs(li.TINY))
+    torch.library.opcheck(li.LOGITS.default, (x[0].requires_grad_(), x[1].requires_grad_(), x[2].requires_grad_(),
+                                              *x[3:]))
+    x = tuple(t.detach() for t in x)
+    torch.library.opcheck(li.TOPK.default, (*x, li.TINY.topk))
+    g = torch.randn(li.TINY.T, li.TINY.S, device="cuda")
+    torch.library.opcheck(li.LOGITS_BWD.default, (g, *x))
+
+
+def test_indexer_gradcheck_fp64():
+    x = cuda(li.make_inputs(li.TINY, torch.float64))
+    visible = reference.visible_mask(x[3], x[4], li.TINY.S)
+
+    def fn(q, k, w):
+        return glm5.ops.indexer_logits(q, k, w, x[3], x[4]).masked_fill(~visible, 0.0)
+
+    assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in x[:3]))
+
+
+def test_indexer_compile_fullgraph():
+    x = cuda(li.make_inputs(li.CASES[1]))
+
+    def fn(q, k, w):
+        idx, val = glm5.ops.indexer_topk(q, k, w, x[3], x[4], topk=5)
+        logits = glm5.ops.indexer_logits(q, k, w, x[3], x[4])
+        return logits.nan_to_num(neginf=0.0).sum() + val.nan_to_num(neginf=0.0).sum(), idx
+
+    eager, compiled = fn(*x[:3]), torch.compile(fn, fullgraph=True)(*x[:3])
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert torch.equal(compiled[1], eager[1])
+
+
+def test_indexer_deterministic():
+    case = li.BWD_CASES[1]
+    x = cuda(li.make_inputs(case))
+    g = torch.randn(case.T, case.S, device="cuda")
+
+    def run():
+        return (glm5.ops.indexer_logits(*x), *glm5.ops.indexer_topk(*x, topk=37), *li.LOGITS_BWD(g, *x))
+
+    assert all(torch.equal(a, b) for a, b in zip(run(), run()))
+
+
+@pytest.mark.parametrize(
+    "change, arg",
+    [
+        (lambda x: (x[0], x[1].double()) + x[2:], "k"),
+        (lambda x: (x[0], x[1], x[2][:, :-1]) + x[3:], "w"),
+        (lambda x: (x[0], x[1][:, :-1]) + x[2:], "k"),
+        (lambda x: x[:3] + (x[3].long(), x[4]), "ks"),
+        (lambda x: x[:4] + (x[4][:-1],), "ke"),
+        (lambda x: (x[0], x[1].cpu()) + x[2:], "k"),
+    ],
+    ids=["k-dtype", "w-shape", "DI-mismatch", "ks-dtype", "ke-shape", "k-device"],
+)
+def test_indexer_bad_input(change, arg):
+    x = change(cuda(li.make_inputs(li.CASES[1])))
+    for call in (lambda: li.LOGITS(*x), lambda: li.TOPK(*x, 4)):
+        with pytest.raises((RuntimeError, ValueError), match=rf"\b{arg}\b"):
+            call()
+    with pytest.raises(ValueError, match="topk"):
+        li.TOPK(*cuda(li.make_inputs(li.CASES[1])), 0)
+
+
 def test_cuda_kernels_registered():
-    for op in ("sparse_mla_fwd", "sparse_mla_bwd"):
+    for op in ("sparse_mla_fwd", "sparse_mla_bwd", "indexer_logits", "indexer_logits_bwd", "indexer_topk"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"glm5::{op}", "CUDA"), op

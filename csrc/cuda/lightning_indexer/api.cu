@@ -1,0 +1,211 @@
+// CUDA host wrappers of glm5::indexer_logits, indexer_logits_bwd and indexer_topk (kernels:
+// kernels.cuh). Same checks and error messages as the CPU path (csrc/cpu/indexer.cpp) for dtypes,
+// ranks, shapes and devices, with two documented differences (both avoid a host sync):
+// - ks/ke VALUES are not validated; the kernels clamp them to [0, S] (ks > ke: no visible key).
+// - indexer_topk treats a NaN score as -inf (never selected) instead of raising ValueError.
+// Status: compiled for sm_90a, not yet verified on a GPU.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "glm5/checks.h"
+#include "kernels.cuh"
+
+namespace {
+
+using namespace glm5::cuda;
+
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
+
+size_t max_smem_optin(int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return size_t(v);
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}, float{}); break;
+    case at::kHalf: f(__half{}, float{}); break;
+    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
+// ks, ke: [T] int32 (their values are clamped on the device, see above).
+void check_ranges(const at::Tensor& ks, const at::Tensor& ke, const at::Tensor& q, int64_t T) {
+  GLM5_CHECK_SAME_DEVICE(ks, q);
+  GLM5_CHECK_SAME_DEVICE(ke, q);
+  TORCH_CHECK_VALUE(ks.scalar_type() == at::kInt && ks.dim() == 1 && ks.size(0) == T,
+                    "ks must be an int32 tensor of shape (", T, ",), got ", ks.scalar_type(), " ", ks.sizes());
+  TORCH_CHECK_VALUE(ke.scalar_type() == at::kInt && ke.dim() == 1 && ke.size(0) == T,
+                    "ke must be an int32 tensor of shape (", T, ",), got ", ke.scalar_type(), " ", ke.sizes());
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
+                  const at::Tensor& ke) {
+  GLM5_CHECK_DEVICE_TYPE(q, at::kCUDA);
+  GLM5_CHECK_SAME_DEVICE(k, q);
+  GLM5_CHECK_SAME_DEVICE(w, q);
+  GLM5_CHECK_NDIM(q, 3);
+  GLM5_CHECK_NDIM(k, 2);
+  GLM5_CHECK_NDIM(w, 2);
+  GLM5_CHECK_FLOAT(q);
+  GLM5_CHECK_SAME_DTYPE(k, q);
+  GLM5_CHECK_SAME_DTYPE(w, q);
+  const int64_t T = q.size(0), HI = q.size(1), DI = q.size(2), S = k.size(0);
+  TORCH_CHECK(k.size(1) == DI, "k.size(1) must equal q.size(2) (the indexer head dim DI=", DI, "), got k of shape ",
+              k.sizes());
+  TORCH_CHECK(w.size(0) == T && w.size(1) == HI, "w must have shape (T, HI) = (", T, ", ", HI, "), got ", w.sizes());
+  glm5::checked_int32(S, "k.size(0) (S)");  // key indices are returned as int32
+  glm5::checked_int32(HI, "q.size(1) (HI)");
+  glm5::checked_int32(DI, "q.size(2) (DI)");
+  TORCH_CHECK(T < (int64_t(1) << 31), "q.size(0) (T) = ", T, " does not fit in int32");
+  check_ranges(ks, ke, q, T);
+}
+
+IndexerParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
+                          const at::Tensor& ke) {
+  IndexerParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.w = w.data_ptr();
+  p.ks = ks.data_ptr<int32_t>();
+  p.ke = ke.data_ptr<int32_t>();
+  p.T = q.size(0);
+  p.S = int(k.size(0)), p.HI = int(q.size(1)), p.DI = int(q.size(2));
+  p.ldk = odd_stride(p.DI);
+  return p;
+}
+
+// The largest power-of-two tile in [lo_bs, hi_bs] whose shared memory fits, or a clear error.
+template <typename SmemFn>
+int pick_tile(int hi_bs, int lo_bs, size_t limit, const SmemFn& smem, const char* op) {
+  for (int bs = hi_bs; bs >= lo_bs; bs /= 2)
+    if (smem(bs) <= limit) return bs;
+  TORCH_CHECK(false, op, ": these sizes need ", smem(lo_bs), " bytes of shared memory, more than this GPU's ", limit);
+  return 0;
+}
+
+at::Tensor indexer_logits_cuda(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& w_, const at::Tensor& ks_,
+                               const at::Tensor& ke_) {
+  check_inputs(q_, k_, w_, ks_, ke_);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), w = w_.contiguous();
+  const at::Tensor ks = ks_.contiguous(), ke = ke_.contiguous();
+  const int64_t T = q.size(0), S = k.size(0);
+  at::Tensor logits = at::empty({T, S}, q.options().dtype(acc_type(q)));
+  if (T == 0 || S == 0) return logits;
+  IndexerParams p = make_params(q, k, w, ks, ke);
+  p.logits = logits.data_ptr();
+  const size_t limit = max_smem_optin(q.get_device());
+  dispatch_float(q.scalar_type(), "indexer_logits", [&](auto t_tag, auto c_tag) {
+    using T_ = decltype(t_tag);
+    using ct = decltype(c_tag);
+    p.bs = pick_tile(128, 32, limit, [&](int bs) { return indexer_logits_smem<ct>(p.HI, p.DI, bs, p.ldk); },
+                     "indexer_logits");
+    const size_t smem = indexer_logits_smem<ct>(p.HI, p.DI, p.bs, p.ldk);
+    auto kernel = indexer_logits_kernel<T_, ct>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    const int64_t tiles = (S + p.bs - 1) / p.bs;
+    TORCH_CHECK(tiles <= 65535, "indexer_logits: S = ", S, " needs ", tiles, " key tiles, more than 65535");
+    const dim3 grid{unsigned(T), unsigned(tiles)};
+    kernel<<<grid, p.bs, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return logits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_bwd_cuda(const at::Tensor& grad, const at::Tensor& q_,
+                                                                       const at::Tensor& k_, const at::Tensor& w_,
+                                                                       const at::Tensor& ks_, const at::Tensor& ke_) {
+  check_inputs(q_, k_, w_, ks_, ke_);
+  GLM5_CHECK_SAME_DEVICE(grad, q_);
+  GLM5_CHECK_NDIM(grad, 2);
+  GLM5_CHECK_FLOAT(grad);
+  const int64_t T = q_.size(0), HI = q_.size(1), DI = q_.size(2), S = k_.size(0);
+  TORCH_CHECK(grad.size(0) == T && grad.size(1) == S, "grad must have shape (T, S) = (", T, ", ", S, "), got ",
+              grad.sizes());
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const auto acc = acc_type(q_);
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), w = w_.contiguous();
+  const at::Tensor ks = ks_.contiguous(), ke = ke_.contiguous(), G = grad.to(acc).contiguous();
+  at::Tensor dQ = at::zeros({T, HI, DI}, q.options().dtype(acc));
+  at::Tensor dK = at::zeros({S, DI}, q.options().dtype(acc));
+  at::Tensor dW = at::zeros({T, HI}, q.options().dtype(acc));
+  if (T > 0 && S > 0 && HI > 0 && DI > 0) {
+    IndexerParams p = make_params(q, k, w, ks, ke);
+    p.grad = G.data_ptr();
+    p.dq = dQ.data_ptr();
+    p.dk = dK.data_ptr();
+    p.dw = dW.data_ptr();
+    const size_t limit = max_smem_optin(q.get_device());
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    dispatch_float(q.scalar_type(), "indexer_logits_bwd", [&](auto t_tag, auto c_tag) {
+      using T_ = decltype(t_tag);
+      using ct = decltype(c_tag);
+      p.bs = pick_tile(64, 1, limit, [&](int bs) { return indexer_bwd_q_smem<ct>(p.HI, p.DI, bs, p.ldk); },
+                       "indexer_logits_bwd");
+      size_t smem = indexer_bwd_q_smem<ct>(p.HI, p.DI, p.bs, p.ldk);
+      auto kq = indexer_bwd_q_kernel<T_, ct>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kq<<<unsigned(T), kIndexerThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      p.bs = pick_tile(64, 1, limit, [&](int bs) { return indexer_bwd_k_smem<ct>(p.HI, p.DI, bs, p.ldk); },
+                       "indexer_logits_bwd");
+      smem = indexer_bwd_k_smem<ct>(p.HI, p.DI, p.bs, p.ldk);
+      auto kk = indexer_bwd_k_kernel<T_, ct>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kk, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kk<<<unsigned((S + p.bs - 1) / p.bs), kIndexerThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {dQ.to(q_.scalar_type()), dK.to(k_.scalar_type()), dW.to(w_.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> indexer_topk_cuda(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& w_,
+                                                     const at::Tensor& ks_, const at::Tensor& ke_, int64_t topk) {
+  TORCH_CHECK_VALUE(topk > 0, "topk must be positive, got ", topk);
+  check_inputs(q_, k_, w_, ks_, ke_);
+  glm5::checked_int32(topk, "topk");
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), w = w_.contiguous();
+  const at::Tensor ks = ks_.contiguous(), ke = ke_.contiguous();
+  const int64_t T = q.size(0), S = k.size(0);
+  at::Tensor indices = at::full({T, topk}, -1, q.options().dtype(at::kInt));
+  at::Tensor scores = at::full({T, topk}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_type(q)));
+  if (T == 0 || S == 0) return {indices, scores};
+  IndexerParams p = make_params(q, k, w, ks, ke);
+  p.topk = int(topk);
+  p.out_idx = indices.data_ptr<int32_t>();
+  p.out_val = scores.data_ptr();
+  const size_t limit = max_smem_optin(q.get_device());
+  dispatch_float(q.scalar_type(), "indexer_topk", [&](auto t_tag, auto c_tag) {
+    using T_ = decltype(t_tag);
+    using ct = decltype(c_tag);
+    p.bs = pick_tile(256, 2, limit,
+                     [&](int bs) { return indexer_topk_smem<ct>(p.HI, p.DI, bs, p.ldk, p.topk); }, "indexer_topk");
+    const size_t smem = indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk);
+    auto kernel = indexer_topk_kernel<T_, ct>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<unsigned(T), kIndexerThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {indices, scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(glm5, CUDA, m) {
+  m.impl("indexer_logits", &indexer_logits_cuda);
+  m.impl("indexer_logits_bwd", &indexer_logits_bwd_cuda);
+  m.impl("indexer_topk", &indexer_topk_cuda);
+}
