@@ -8,6 +8,13 @@ execute_process(
   COMMAND ${Python_EXECUTABLE} -c "import importlib.util as u, os; s=u.find_spec('cutlass_library'); print(os.path.join(s.submodule_search_locations[0], 'source', 'include') if s else '')"
   OUTPUT_VARIABLE GLM5_CUTLASS_INCLUDE OUTPUT_STRIP_TRAILING_WHITESPACE)
 
+# Development kill-switch: leave out the CUTLASS grouped-GEMM TUs (~80 s and ~4.5 GB each to compile);
+# bf16 grouped GEMMs then take the portable SIMT kernel.
+option(GLM5_DISABLE_CUTLASS_GROUPED_GEMM "Build the MoE grouped GEMM without CUTLASS" OFF)
+if(GLM5_DISABLE_CUTLASS_GROUPED_GEMM)
+  add_compile_definitions(GLM5_DISABLE_CUTLASS_GROUPED_GEMM)
+endif()
+
 function(glm5_set_cuda_arch_flags SRCS ARCHS)
   set(_flags "")
   foreach(_arch ${ARCHS})
