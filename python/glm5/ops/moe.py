@@ -130,9 +130,13 @@ def moe_experts(
 
 def expert_load(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64: how many (token, slot) pairs chose each expert (-1 slots are not counted)."""
-    reference.check_expert_idx(topk_idx, num_experts)
-    flat = topk_idx.reshape(-1)
-    return torch.bincount(flat[flat >= 0].long(), minlength=num_experts)
+    if not torch.compiler.is_compiling():  # the value check reads the tensor: eager only
+        reference.check_expert_idx(topk_idx, num_experts)
+    # Static shapes (no boolean mask, no bincount) so a compiled MoE layer traces without a break:
+    # -1 slots land in bin 0, which is dropped.
+    flat = topk_idx.reshape(-1).long() + 1
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_idx.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[1:]
 
 
 @torch.no_grad()
