@@ -286,7 +286,8 @@ def test_moe_experts_plumbing_exact():
 
 def test_moe_experts_gradcheck_fp64():
     x, idx, w, wg, wd = moe_inputs(TINY, torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: glm5.ops.moe_experts(a[0], idx, *a[1:]), (x, w, wg, wd))
+    fn = lambda *a: glm5.ops.moe_experts(a[0], idx, *a[1:])  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, wg, wd), fast_mode=True)  # 222 inputs: a random projection
 
 
 def test_ops_gradcheck_fp64():
