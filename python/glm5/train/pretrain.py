@@ -119,7 +119,9 @@ def auto_threads() -> int:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 for "bf16", and for "auto" on CUDA devices that support it; None = fp32.
 
-    "auto" keeps fp32 on CPU: bf16 autocast there was slower on the debug model (benchmarks/README.md).
+    "auto" keeps fp32 on CPU: bf16 autocast there was ~15% faster on the debug model but less exact
+    (validation loss 5.469 vs 5.455 after 80 steps; benchmarks/README.md), and CPUs without native
+    bf16 GEMMs may run it slower; ask for it with precision="bf16".
     """
     if precision == "fp32":
         return None
@@ -327,7 +329,7 @@ class Pretrainer:
 
     def train_step(self) -> dict:
         st = self.stage
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, mtp_loss, indexer_loss, total
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, mtp_loss, indexer_loss, total
         self.stats.reset()
         n_tok = 0
         for micro in range(st.grad_accum):
@@ -338,8 +340,9 @@ class Pretrainer:
             with ctx:
                 out = self._forward(self.ddp, batch, st, indexer_loss=st.indexer_loss)
                 (out.loss / st.grad_accum).backward()
+            nan = torch.full((), math.nan, device=self.device)
             vals = [out.lm_loss, out.mtp_loss, out.indexer_loss, out.loss]
-            sums += torch.tensor([float(v.detach()) if v is not None else math.nan for v in vals], dtype=torch.float64)
+            sums += torch.stack([(v if v is not None else nan).detach().double() for v in vals])  # no host sync
         finish_expert_grads(self.model, self.dist.world_size)
         sharded = set(self.expert_names)
         params = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in sharded]
@@ -350,9 +353,9 @@ class Pretrainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         rec = self._balance(st)
-        means = self.dist.all_reduce_(sums / st.grad_accum) / self.dist.world_size
-        rec = {"loss": means[0].item(), "mtp_loss": means[1].item(), "indexer_loss": means[2].item(),
-               "total_loss": means[3].item(), "lr": lr, "grad_norm": float(gnorm), **rec}
+        means = (self.dist.all_reduce_(sums / st.grad_accum) / self.dist.world_size).tolist()
+        rec = {"loss": means[0], "mtp_loss": means[1], "indexer_loss": means[2], "total_loss": means[3], "lr": lr,
+               "grad_norm": float(gnorm), **rec}
         for k in ("mtp_loss", "indexer_loss"):
             if math.isnan(rec[k]):
                 del rec[k]
@@ -384,10 +387,10 @@ class Pretrainer:
         """Mean LM loss over the first `batches` validation batches (the same ones every time)."""
         self.model.eval()
         n = batches or self.cfg.val_batches
-        tot = torch.zeros(2, dtype=torch.float64)
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in self.val_loader.epoch_batches(0, max_batches=n):
             out = self._forward(self.model, batch.to(self.device), self.stage, attn_mode=attn_mode, mtp_steps=0)
-            tot += torch.tensor([out.lm_loss.item(), 1.0], dtype=torch.float64)
+            tot += torch.stack([out.lm_loss.double(), torch.ones((), dtype=torch.float64, device=self.device)])
         self.model.train()
         tot = self.dist.all_reduce_(tot)
         return (tot[0] / tot[1].clamp(min=1)).item()
@@ -414,6 +417,10 @@ class Pretrainer:
             self.tokens = 0
             return 0
         step = ckpt.step
+        saved = [(s["name"], s["steps"]) for s in (ckpt.config or {}).get("stages", [])]
+        if saved and saved != [(s.name, s.steps) for s in self.cfg.stages]:
+            raise ValueError(f"{ckpt.path} belongs to a run with stages {saved}, this run has "
+                             f"{[(s.name, s.steps) for s in self.cfg.stages]}: resume with the same preset and --stage")
         load_model_state(self.model, ckpt.model_state, self.dist)
         extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
         self.tokens = int(extra.get("tokens", 0))
@@ -481,9 +488,10 @@ class Pretrainer:
                 logger.close()
             self.stats.remove()
         val_dense = None
-        if step > start or val_loss is None:
-            val_loss = self.validate(batches=2 * cfg.val_batches)
-            val_dense = self.validate(attn_mode="dense", batches=2 * cfg.val_batches) if self.stage.attn_mode != "dense" else val_loss
+        if step > start or val_loss is None:  # the final figure: 4x the periodic validation's rows
+            n = 4 * cfg.val_batches
+            val_loss = self.validate(batches=n)
+            val_dense = self.validate(attn_mode="dense", batches=n) if self.stage.attn_mode != "dense" else val_loss
         result = RunResult(out_dir=self.out, step=step, total_steps=self.total, tokens=self.tokens,
                            wall_s=time.perf_counter() - t0, val_loss=val_loss, val_loss_dense=val_dense,
                            unigram_entropy=self.entropy)
@@ -511,7 +519,9 @@ class Pretrainer:
             mode = self.stage.attn_mode
             dense = "" if mode == "dense" or r.val_loss_dense is None else f" (dense attention: {r.val_loss_dense:.3f})"
             gap = r.unigram_entropy - r.val_loss
-            self.log(f"validation loss {r.val_loss:.3f} nats/token ({mode} attention){dense} vs unigram entropy "
+            n_tok = min(4 * self.cfg.val_batches, self.val_loader.batches_per_epoch) * self.val_loader.batch_size * self.val_loader.seq_len * self.dist.world_size
+            self.log(f"validation loss {r.val_loss:.3f} nats/token over {n_tok:,} held-out tokens ({mode} attention){dense} "
+                     f"vs unigram entropy "
                      f"{r.unigram_entropy:.3f}: {abs(gap):.3f} {'below' if gap > 0 else 'ABOVE'} it")
         self.log(f"run folder {self.out}: metrics.jsonl, tb/, checkpoints/, loss.png" +
                  (", hf/" if self.cfg.export_hf else ""))
