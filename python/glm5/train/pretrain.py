@@ -396,13 +396,20 @@ class Pretrainer:
         return (tot[0] / tot[1].clamp(min=1)).item()
 
     # ---- checkpoints -----------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        """The run config as saved: "model" is the live model's (the tokenizer's vocabulary and special
+        ids, the current stage's RoPE base), so a checkpoint folder describes the model it holds."""
+        d = asdict(self.cfg)
+        d["model"] = self.model.config.to_dict()
+        return d
+
     def save(self, step: int) -> None:
         # world-size independent: expert shards gathered (a collective: every rank takes part)
         model_state = full_model_state(self.model, self.dist)
         opt_state = full_optimizer_state(self.model, self.opt, self.dist)
         if self.dist.main:
             save_checkpoint(self.ckpt_dir, step, model=model_state, optimizer=_State(opt_state), scheduler=self.sched,
-                            data=self.train_loader, config=asdict(self.cfg), keep_last=self.cfg.keep_last,
+                            data=self.train_loader, config=self.config_dict(), keep_last=self.cfg.keep_last,
                             extra={"stage": self.stage_idx, "stage_name": self.stage.name, "tokens": self.tokens,
                                    "threads": torch.get_num_threads()})
         self.dist.barrier()
@@ -447,7 +454,7 @@ class Pretrainer:
         self._build_data()
         self.model = self._build_model()
         if self.dist.main:
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+            (self.out / "config.json").write_text(json.dumps(self.config_dict(), indent=1, default=str))
         step = self._restore()
         start = step
         self.stats = StepStats(self.model)
