@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import torch
 
 from glm5.model import GLM5ForCausalLM
 from glm5.train.metrics import read_metrics
-from glm5.train.pretrain import pretrain, set_trainable, trainable_names
+from glm5.train.pretrain import RunError, pretrain, set_trainable, trainable_names
 from glm5.train.schedule import WarmupDecay
 from glm5.train.stages import PretrainConfig, StageConfig, pretrain_preset
 
@@ -180,9 +181,13 @@ def test_lr_schedule_of_every_stage(tiny_run):
     assert [r["lr"] for r in recs[starts[3]:]] == [sparse.lr] * sparse.steps  # constant
 
 
-def test_refuses_to_overwrite_a_run_without_resume(tiny_run):
-    with pytest.raises(FileExistsError, match="--resume"):
+def test_refuses_to_overwrite_a_run_without_resume(tiny_run, capsys):
+    with pytest.raises(RunError, match="--resume"):
         pretrain(pretrain_preset("tiny"), tiny_run, quiet=True, progress=False)
+    from glm5.cli import main
+
+    assert main(["pretrain", "--preset", "tiny", "--stage", "pretrain", "--out", str(tiny_run), "--resume"]) == 2
+    assert "belongs to a run with stages" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +273,31 @@ def test_stopped_at_a_stage_boundary_and_continued_matches(cache_env, tmp_path):
     assert rb.step == ra.step == cfg.total_steps and rb.val_loss == ra.val_loss
     a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
     assert [x["loss"] for x in a] == [x["loss"] for x in b] and [x["lr"] for x in a] == [x["lr"] for x in b]
+
+
+def test_gradient_accumulation_matches_one_big_batch(cache_env, tmp_path):
+    """2 micro-batches of 2 rows per step = 1 batch of 4 rows (the same rows, see RowShuffledLoader),
+    up to each micro-batch averaging over its own tokens."""
+    cfg = _resume_cfg(cache_env)
+    st = cfg.stages[0].replace(steps=4)
+    kw = dict(progress=False, quiet=True, threads=1)
+    pretrain(cfg.replace(stages=(st.replace(batch_size=4),), export_hf=False), tmp_path / "a", **kw)
+    pretrain(cfg.replace(stages=(st.replace(batch_size=2, grad_accum=2),), export_hf=False), tmp_path / "b", **kw)
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
+    assert [x["tokens"] for x in a] == [x["tokens"] for x in b] == [128, 256, 384, 512]
+    la, lb = torch.tensor([x["loss"] for x in a]), torch.tensor([x["loss"] for x in b])
+    assert abs(la[0] - lb[0]) < 1e-3
+    torch.testing.assert_close(lb, la, rtol=0, atol=5e-3)
+
+
+def test_bf16_autocast_runs_every_stage(cache_env, tmp_path):
+    cfg = _resume_cfg(cache_env)
+    cfg = cfg.replace(stages=tuple(s.replace(steps=1, warmup_steps=0) for s in cfg.stages), precision="bf16",
+                      export_hf=False)
+    r = pretrain(cfg, tmp_path, progress=False, quiet=True, threads=1)
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [x["stage"] for x in recs] == ["pretrain", "ctx_ext", "dsa_warmup", "dsa_sparse"]
+    assert all(math.isfinite(x["loss"]) for x in recs) and math.isfinite(r.val_loss)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,8 +51,13 @@ from .parallel import (Dist, apply_expert_parallel, clip_grad_norm, finish_exper
 from .schedule import ScheduleConfig, build_scheduler
 from .stages import PretrainConfig, StageConfig
 
-__all__ = ["pretrain", "Pretrainer", "RunResult", "trainable_names", "set_trainable", "resolve_precision", "auto_threads",
+__all__ = ["pretrain", "Pretrainer", "RunResult", "RunError", "trainable_names", "set_trainable", "resolve_precision", "auto_threads",
            "RowShuffledLoader", "StepStats"]
+
+
+class RunError(ValueError):
+    """A run folder that does not fit this invocation (existing checkpoints without --resume, another
+    stage chain); the CLI prints it without a traceback."""
 
 
 @dataclass
@@ -243,7 +248,7 @@ class Pretrainer:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume and list_checkpoints(self.ckpt_dir):
-                raise FileExistsError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
+                raise RunError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
                                       "or choose another --out")
         self.dist.barrier()
 
@@ -426,7 +431,7 @@ class Pretrainer:
         step = ckpt.step
         saved = [(s["name"], s["steps"]) for s in (ckpt.config or {}).get("stages", [])]
         if saved and saved != [(s.name, s.steps) for s in self.cfg.stages]:
-            raise ValueError(f"{ckpt.path} belongs to a run with stages {saved}, this run has "
+            raise RunError(f"{ckpt.path} belongs to a run with stages {saved}, this run has "
                              f"{[(s.name, s.steps) for s in self.cfg.stages]}: resume with the same preset and --stage")
         load_model_state(self.model, ckpt.model_state, self.dist)
         extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
@@ -601,8 +606,12 @@ def main_from_args(args) -> int:
                       expert_parallel=args.expert_parallel or cfg.expert_parallel)
     if args.ops is not None:
         glm5.ops.set_impl(args.ops)
-    r = pretrain(cfg, args.out, max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
-                 device=args.device, threads=args.threads)
+    try:
+        r = pretrain(cfg, args.out, max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
+                     device=args.device, threads=args.threads)
+    except RunError as e:
+        print(f"glm5 pretrain: error: {e}", file=sys.stderr)
+        return 2
     if r.val_loss is not None and r.step == r.total_steps and not r.val_loss < r.unigram_entropy:
         print(f"glm5 pretrain: warning: validation loss {r.val_loss:.3f} is not below the unigram entropy "
               f"{r.unigram_entropy:.3f} (too few steps to learn more than token frequencies)", file=sys.stderr)
