@@ -46,7 +46,7 @@ from .checkpoint import list_checkpoints, load_latest, restore_rng_state, save_c
 from .data import Batch, PackedLoader, build_data
 from .metrics import MetricsLogger, ProgressBar, plot_loss_curve, unigram_entropy
 from .optim import build_optimizer, describe
-from .parallel import (Dist, apply_expert_parallel, clip_grad_norm, finish_expert_grads, full_model_state,
+from .parallel import (apply_expert_parallel, clip_grad_norm, finish_expert_grads, full_model_state,
                        full_optimizer_state, init_distributed, load_model_state, load_optimizer_state, wrap_ddp)
 from .schedule import ScheduleConfig, build_scheduler
 from .stages import PretrainConfig, StageConfig
