@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <glm5/checks.h>
+#include <glm5/moe_checks.h>
 
 #include <algorithm>
 #include <atomic>
@@ -38,58 +39,22 @@
 
 namespace {
 
+namespace moe_checks = glm5::moe_checks;
+
 constexpr double kRouteNormEps = 1e-20;  // reference.ROUTE_NORM_EPS (transformers' glm_moe_dsa)
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
-// ---------------------------------------------------------------------------------------------
-// Shared checks
-// ---------------------------------------------------------------------------------------------
+// Argument and value checks shared with the CUDA wrappers: glm5/moe_checks.h.
 
-// topk_idx: [N, k] int32 with values in [-1, E); returns nothing, raises IndexError naming it.
-void check_expert_idx(const at::Tensor& idx, int64_t E) {
-  const int32_t* p = idx.data_ptr<int32_t>();
-  const int64_t n = idx.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(p[i] >= -1 && p[i] < E, "topk_idx out of range: expert indices must be -1 (dropped) or in [0, ",
-                      E, "), got topk_idx[", i / idx.size(1), ", ", i % idx.size(1), "] = ", p[i]);
-  }
-}
-
-// row_map: [N, k] int32 with values in [-1, M), no row twice. Returns the "row is referenced" mask.
-std::vector<uint8_t> check_row_map(const at::Tensor& row_map, int64_t M) {
-  std::vector<uint8_t> seen(M, 0);
-  const int32_t* p = row_map.data_ptr<int32_t>();
-  const int64_t n = row_map.numel(), k = row_map.size(1);
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t r = p[i];
-    TORCH_CHECK_INDEX(r >= -1 && r < M, "row_map out of range: rows must be -1 or in [0, ", M, "), got row_map[", i / k,
-                      ", ", i % k, "] = ", r);
-    if (r < 0) continue;
-    TORCH_CHECK_VALUE(!seen[r], "row_map repeats row ", r, ": each row of y_sorted belongs to one (token, slot)");
-    seen[r] = 1;
-  }
-  return seen;
-}
-
-// offsets: [E+1] int64, non-decreasing, 0 <= offsets[0], offsets[E] <= M. Returns them.
 std::vector<int64_t> check_offsets(const at::Tensor& offsets, const at::Tensor& like, int64_t E, int64_t M) {
-  GLM5_CHECK_SAME_DEVICE(offsets, like);
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == E + 1,
-                    "offsets must be an int64 tensor of shape (", E + 1, ",), got ", offsets.scalar_type(), " ",
-                    offsets.sizes());
+  moe_checks::offsets_shape(offsets, like, E);
   const at::Tensor oc = offsets.contiguous();
   const int64_t* p = oc.data_ptr<int64_t>();
-  std::vector<int64_t> off(p, p + E + 1);
-  TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= M, "offsets must satisfy 0 <= offsets[0] and offsets[E] <= M=", M,
-                    ", got offsets[0]=", off[0], ", offsets[E]=", off[E]);
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK_VALUE(off[e] <= off[e + 1], "offsets must be non-decreasing, got offsets[", e, "]=", off[e],
-                      " > offsets[", e + 1, "]=", off[e + 1]);
-  }
-  return off;
+  moe_checks::offsets_values(p, E, M);
+  return std::vector<int64_t>(p, p + E + 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,24 +130,8 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, const
                                                  bool norm_topk_prob, double routed_scaling_factor) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below record no graph
   GLM5_CHECK_DEVICE_TYPE(logits, at::kCPU);
-  GLM5_CHECK_NDIM(logits, 2);
-  GLM5_CHECK_FLOAT(logits);
+  moe_checks::route_args(logits, bias, topk, n_group, topk_group);
   const int64_t N = logits.size(0), E = logits.size(1);
-  TORCH_CHECK_VALUE(1 <= topk && topk <= E, "topk must be in [1, num_experts=", E, "], got ", topk);
-  TORCH_CHECK_VALUE(n_group >= 1 && E % n_group == 0, "n_group must be a positive divisor of num_experts=", E,
-                    ", got ", n_group);
-  TORCH_CHECK_VALUE(1 <= topk_group && topk_group <= n_group, "topk_group must be in [1, n_group=", n_group, "], got ",
-                    topk_group);
-  TORCH_CHECK_VALUE(topk_group * (E / n_group) >= topk, "topk_group=", topk_group, " groups of ", E / n_group,
-                    " experts hold fewer than topk=", topk, " experts");
-  if (bias.has_value()) {
-    [&](const at::Tensor& bias) {  // the checks name the argument "bias"
-      GLM5_CHECK_SAME_DEVICE(bias, logits);
-      GLM5_CHECK_NDIM(bias, 1);
-      GLM5_CHECK_SIZE(bias, 0, E);
-      GLM5_CHECK_FLOAT(bias);
-    }(*bias);
-  }
 
   const at::ScalarType acc = acc_type(logits.scalar_type());
   const at::Tensor scores = at::sigmoid(logits.to(acc)).contiguous();  // as the reference: bitwise equal
@@ -217,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor&
   TORCH_CHECK_VALUE(alignment >= 1, "alignment must be positive, got ", alignment);
   const int64_t N = x.size(0), D = x.size(1), k = topk_idx.size(1), E = num_experts, A = alignment;
   const at::Tensor xc = x.contiguous(), idx = topk_idx.contiguous();
-  check_expert_idx(idx, E);
+  moe_checks::expert_idx_values(idx, E);
 
   const int64_t capacity = N * k + E * (A - 1);
   at::Tensor x_sorted = at::empty({capacity, D}, x.options());
@@ -281,25 +230,12 @@ acc_t dot_fixed_order(const acc_t* a, const scalar_t* b, int64_t D) {
   return s;
 }
 
-void check_unpermute_args(const at::Tensor& y_sorted, const at::Tensor& row_map, const at::Tensor& topk_w) {
-  GLM5_CHECK_DEVICE_TYPE(y_sorted, at::kCPU);
-  GLM5_CHECK_NDIM(y_sorted, 2);
-  GLM5_CHECK_FLOAT(y_sorted);
-  GLM5_CHECK_SAME_DEVICE(row_map, y_sorted);
-  GLM5_CHECK_NDIM(row_map, 2);
-  GLM5_CHECK_DTYPE(row_map, at::kInt);
-  GLM5_CHECK_SAME_DEVICE(topk_w, y_sorted);
-  GLM5_CHECK_FLOAT(topk_w);
-  TORCH_CHECK(topk_w.sizes() == row_map.sizes(), "topk_w must have row_map's shape ", row_map.sizes(), ", got ",
-              topk_w.sizes());
-}
-
 at::Tensor moe_unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& row_map, const at::Tensor& topk_w) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below record no graph
-  check_unpermute_args(y_sorted, row_map, topk_w);
+  moe_checks::unpermute_args(y_sorted, row_map, topk_w, at::kCPU);
   const int64_t M = y_sorted.size(0), D = y_sorted.size(1), N = row_map.size(0), k = row_map.size(1);
   const at::Tensor yc = y_sorted.contiguous(), rmc = row_map.contiguous();
-  check_row_map(rmc, M);
+  moe_checks::row_map_values(rmc, M);
   const at::ScalarType acc = acc_type(y_sorted.scalar_type());
   const at::Tensor wc = topk_w.to(acc).contiguous();
   at::Tensor out = at::empty({N, D}, y_sorted.options());
@@ -332,7 +268,7 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& row_m
 std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cpu(const at::Tensor& grad, const at::Tensor& y_sorted,
                                                          const at::Tensor& row_map, const at::Tensor& topk_w) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below record no graph
-  check_unpermute_args(y_sorted, row_map, topk_w);
+  moe_checks::unpermute_args(y_sorted, row_map, topk_w, at::kCPU);
   GLM5_CHECK_SAME_DEVICE(grad, y_sorted);
   GLM5_CHECK_NDIM(grad, 2);
   GLM5_CHECK_SAME_DTYPE(grad, y_sorted);
@@ -340,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cpu(const at::Tensor& grad,
   GLM5_CHECK_SIZE(grad, 1, y_sorted.size(1));
   const int64_t M = y_sorted.size(0), D = y_sorted.size(1), N = row_map.size(0), k = row_map.size(1);
   const at::Tensor gc = grad.contiguous(), yc = y_sorted.contiguous(), rmc = row_map.contiguous();
-  const std::vector<uint8_t> used = check_row_map(rmc, M);
+  const std::vector<uint8_t> used = moe_checks::row_map_values(rmc, M);
   const at::ScalarType acc = acc_type(y_sorted.scalar_type());
   const at::Tensor wc = topk_w.to(acc).contiguous();
   at::Tensor dy = at::empty({M, D}, y_sorted.options());

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <glm5/checks.h>
+#include <glm5/moe_checks.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -46,6 +47,7 @@ bool grouped_gemm_bf16_cutlass_nn(const at::Tensor& x, const at::Tensor& w, cons
 namespace {
 
 using namespace glm5::moe;
+namespace moe_checks = glm5::moe_checks;
 
 constexpr double kRouteNormEps = 1e-20;  // reference.ROUTE_NORM_EPS
 
@@ -80,48 +82,14 @@ int launch_blocks(int64_t work_items, int64_t per_block, int64_t cap = int64_t{1
   return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(work_items, per_block), cap)));
 }
 
-// ---- value checks (GLM5_CUDA_VALIDATE), as csrc/cpu/moe.cpp ---------------------------------------
+// ---- checks: glm5/moe_checks.h, shared with csrc/cpu/moe.cpp ---------------------------------------
+// Tensor values are checked (on the host, a synchronisation) only with GLM5_CUDA_VALIDATE.
 
-void check_expert_idx(const at::Tensor& idx_dev, int64_t E) {
-  const at::Tensor idx = idx_dev.cpu();
-  const int32_t* p = idx.data_ptr<int32_t>();
-  const int64_t n = idx.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(p[i] >= -1 && p[i] < E, "topk_idx out of range: expert indices must be -1 (dropped) or in [0, ",
-                      E, "), got topk_idx[", i / idx.size(1), ", ", i % idx.size(1), "] = ", p[i]);
-  }
-}
-
-void check_row_map(const at::Tensor& row_map_dev, int64_t M) {
-  const at::Tensor row_map = row_map_dev.cpu();
-  std::vector<uint8_t> seen(M, 0);
-  const int32_t* p = row_map.data_ptr<int32_t>();
-  const int64_t n = row_map.numel(), k = row_map.size(1);
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t r = p[i];
-    TORCH_CHECK_INDEX(r >= -1 && r < M, "row_map out of range: rows must be -1 or in [0, ", M, "), got row_map[", i / k,
-                      ", ", i % k, "] = ", r);
-    if (r < 0) continue;
-    TORCH_CHECK_VALUE(!seen[r], "row_map repeats row ", r, ": each row of y_sorted belongs to one (token, slot)");
-    seen[r] = 1;
-  }
-}
-
-// The shape and dtype checks of offsets (no synchronisation); the values with GLM5_CUDA_VALIDATE.
 void check_offsets(const at::Tensor& offsets, const at::Tensor& like, int64_t E, int64_t M) {
-  GLM5_CHECK_SAME_DEVICE(offsets, like);
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == E + 1,
-                    "offsets must be an int64 tensor of shape (", E + 1, ",), got ", offsets.scalar_type(), " ",
-                    offsets.sizes());
+  moe_checks::offsets_shape(offsets, like, E);
   if (!validate_values()) return;
   const at::Tensor oc = offsets.cpu();
-  const int64_t* off = oc.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= M, "offsets must satisfy 0 <= offsets[0] and offsets[E] <= M=", M,
-                    ", got offsets[0]=", off[0], ", offsets[E]=", off[E]);
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK_VALUE(off[e] <= off[e + 1], "offsets must be non-decreasing, got offsets[", e, "]=", off[e],
-                      " > offsets[", e + 1, "]=", off[e + 1]);
-  }
+  moe_checks::offsets_values(oc.data_ptr<int64_t>(), E, M);
 }
 
 // ---- moe_route ------------------------------------------------------------------------------------
@@ -131,24 +99,8 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
                                                   bool norm_topk_prob, double routed_scaling_factor) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   GLM5_CHECK_DEVICE_TYPE(logits, at::kCUDA);
-  GLM5_CHECK_NDIM(logits, 2);
-  GLM5_CHECK_FLOAT(logits);
+  moe_checks::route_args(logits, bias, topk, n_group, topk_group);
   const int64_t N = logits.size(0), E = logits.size(1);
-  TORCH_CHECK_VALUE(1 <= topk && topk <= E, "topk must be in [1, num_experts=", E, "], got ", topk);
-  TORCH_CHECK_VALUE(n_group >= 1 && E % n_group == 0, "n_group must be a positive divisor of num_experts=", E,
-                    ", got ", n_group);
-  TORCH_CHECK_VALUE(1 <= topk_group && topk_group <= n_group, "topk_group must be in [1, n_group=", n_group, "], got ",
-                    topk_group);
-  TORCH_CHECK_VALUE(topk_group * (E / n_group) >= topk, "topk_group=", topk_group, " groups of ", E / n_group,
-                    " experts hold fewer than topk=", topk, " experts");
-  if (bias.has_value()) {
-    [&](const at::Tensor& bias) {  // the checks name the argument "bias"
-      GLM5_CHECK_SAME_DEVICE(bias, logits);
-      GLM5_CHECK_NDIM(bias, 1);
-      GLM5_CHECK_SIZE(bias, 0, E);
-      GLM5_CHECK_FLOAT(bias);
-    }(*bias);
-  }
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::ScalarType acc = acc_type(logits.scalar_type());
   const at::Tensor lc = logits.contiguous();
@@ -218,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), D = x.size(1), k = topk_idx.size(1), E = num_experts, A = alignment;
   const at::Tensor xc = x.contiguous(), idx = topk_idx.contiguous();
-  if (validate_values()) check_expert_idx(idx, E);
+  if (validate_values()) moe_checks::expert_idx_values(idx.cpu(), E);
   const int64_t capacity = N * k + E * (A - 1);
   glm5::checked_int32(capacity, "moe_permute row");  // rows are int32 (row_map)
   glm5::checked_int32(E, "num_experts");
@@ -287,26 +239,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
 
 // ---- moe_unpermute and its backward ---------------------------------------------------------------
 
-void check_unpermute_args(const at::Tensor& y_sorted, const at::Tensor& row_map, const at::Tensor& topk_w) {
-  GLM5_CHECK_DEVICE_TYPE(y_sorted, at::kCUDA);
-  GLM5_CHECK_NDIM(y_sorted, 2);
-  GLM5_CHECK_FLOAT(y_sorted);
-  GLM5_CHECK_SAME_DEVICE(row_map, y_sorted);
-  GLM5_CHECK_NDIM(row_map, 2);
-  GLM5_CHECK_DTYPE(row_map, at::kInt);
-  GLM5_CHECK_SAME_DEVICE(topk_w, y_sorted);
-  GLM5_CHECK_FLOAT(topk_w);
-  TORCH_CHECK(topk_w.sizes() == row_map.sizes(), "topk_w must have row_map's shape ", row_map.sizes(), ", got ",
-              topk_w.sizes());
-}
-
 at::Tensor moe_unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& row_map, const at::Tensor& topk_w) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_unpermute_args(y_sorted, row_map, topk_w);
+  moe_checks::unpermute_args(y_sorted, row_map, topk_w, at::kCUDA);
   const c10::cuda::CUDAGuard guard(y_sorted.device());
   const int64_t M = y_sorted.size(0), D = y_sorted.size(1), N = row_map.size(0), k = row_map.size(1);
   const at::Tensor yc = y_sorted.contiguous(), rmc = row_map.contiguous();
-  if (validate_values()) check_row_map(rmc, M);
+  if (validate_values()) moe_checks::row_map_values(rmc.cpu(), M);
   const at::ScalarType acc = acc_type(y_sorted.scalar_type());
   const at::Tensor wc = topk_w.to(acc).contiguous();
   at::Tensor out = at::empty({N, D}, y_sorted.options());
@@ -335,7 +274,7 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& row_
 std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cuda(const at::Tensor& grad, const at::Tensor& y_sorted,
                                                           const at::Tensor& row_map, const at::Tensor& topk_w) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_unpermute_args(y_sorted, row_map, topk_w);
+  moe_checks::unpermute_args(y_sorted, row_map, topk_w, at::kCUDA);
   GLM5_CHECK_SAME_DEVICE(grad, y_sorted);
   GLM5_CHECK_NDIM(grad, 2);
   GLM5_CHECK_SAME_DTYPE(grad, y_sorted);
@@ -344,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(y_sorted.device());
   const int64_t M = y_sorted.size(0), D = y_sorted.size(1), N = row_map.size(0), k = row_map.size(1);
   const at::Tensor gc = grad.contiguous(), yc = y_sorted.contiguous(), rmc = row_map.contiguous();
-  if (validate_values()) check_row_map(rmc, M);
+  if (validate_values()) moe_checks::row_map_values(rmc.cpu(), M);
   const at::ScalarType acc = acc_type(y_sorted.scalar_type());
   const at::Tensor wc = topk_w.to(acc).contiguous();
   at::Tensor dy = at::zeros({M, D}, y_sorted.options());  // rows no slot points at get no gradient
