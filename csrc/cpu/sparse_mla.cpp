@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "glm5/checks.h"
+#include "glm5/sparse_mla_checks.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -237,9 +238,7 @@ bool bf16_brgemm_available() {
 // Shared pieces of the per-query loop
 // ---------------------------------------------------------------------------------------------
 
-struct Dims {
-  int64_t T, H, D, S, K, dv;
-};
+using glm5::sparse_mla_checks::Dims;
 
 // Copies the valid keys of one query row (slot order, duplicates kept) to keys; returns their count.
 inline int64_t compact_keys(const int32_t* idx, int64_t K, int32_t* keys) {
@@ -592,25 +591,6 @@ void bwd_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* kv, const
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-Dims check_inputs(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& indices, double sm_scale,
-                  int64_t d_v) {
-  GLM5_CHECK_DEVICE_TYPE(q, at::kCPU);
-  GLM5_CHECK_SAME_DEVICE(kv, q);
-  GLM5_CHECK_SAME_DEVICE(indices, q);
-  GLM5_CHECK_FLOAT(q);
-  GLM5_CHECK_SAME_DTYPE(kv, q);
-  GLM5_CHECK_DTYPE(indices, at::kInt);
-  GLM5_CHECK_NDIM(q, 3);
-  GLM5_CHECK_NDIM(kv, 2);
-  GLM5_CHECK_NDIM(indices, 2);
-  Dims dm{q.size(0), q.size(1), q.size(2), kv.size(0), indices.size(1), d_v};
-  GLM5_CHECK_SIZE(kv, 1, dm.D);
-  GLM5_CHECK_SIZE(indices, 0, dm.T);
-  TORCH_CHECK(d_v > 0 && d_v <= dm.D, "d_v must be in [1, D_qk = ", dm.D, "], got ", d_v);
-  TORCH_CHECK(std::isfinite(sm_scale), "sm_scale must be finite, got ", sm_scale);
-  return dm;
-}
-
 // indices must be -1 (empty slot) or a key in [0, S); anything else is a caller bug.
 void check_indices(const at::Tensor& indices, int64_t S) {
   const int32_t* p = indices.data_ptr<int32_t>();
@@ -626,7 +606,7 @@ void check_indices(const at::Tensor& indices, int64_t S) {
 
 std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd(const at::Tensor& q_in, const at::Tensor& kv_in,
                                                   const at::Tensor& indices_in, double sm_scale, int64_t d_v) {
-  const Dims dm = check_inputs(q_in, kv_in, indices_in, sm_scale, d_v);
+  const Dims dm = glm5::sparse_mla_checks::fwd_args(q_in, kv_in, indices_in, sm_scale, d_v, at::kCPU);
   const at::Tensor q = q_in.contiguous(), kv = kv_in.contiguous(), indices = indices_in.contiguous();
   check_indices(indices, dm.S);
   at::Tensor out = at::empty({dm.T, dm.H, d_v}, q.options());
@@ -671,19 +651,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd(const at::Tensor& grad_out, co
                                                   const at::Tensor& kv, const at::Tensor& indices,
                                                   const at::Tensor& out, const at::Tensor& lse, double sm_scale,
                                                   int64_t d_v) {
-  const Dims dm = check_inputs(q, kv, indices, sm_scale, d_v);
-  GLM5_CHECK_SAME_DEVICE(grad_out, q);
-  GLM5_CHECK_SAME_DEVICE(out, q);
-  GLM5_CHECK_SAME_DEVICE(lse, q);
-  GLM5_CHECK_SAME_DTYPE(grad_out, q);
-  GLM5_CHECK_SAME_DTYPE(out, q);
-  GLM5_CHECK_DTYPE(lse, acc_dtype(q.scalar_type()));
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({dm.T, dm.H, d_v}), "grad_out must have shape [", dm.T, ", ",
-              dm.H, ", ", d_v, "], got ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({dm.T, dm.H, d_v}), "out must have shape [", dm.T, ", ", dm.H, ", ",
-              d_v, "], got ", out.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({dm.T, dm.H}), "lse must have shape [", dm.T, ", ", dm.H, "], got ",
-              lse.sizes());
+  const Dims dm = glm5::sparse_mla_checks::fwd_args(q, kv, indices, sm_scale, d_v, at::kCPU);
+  glm5::sparse_mla_checks::bwd_args(grad_out, out, lse, q, dm, acc_dtype(q.scalar_type()));
   return sparse_mla_bwd_contiguous(grad_out.contiguous(), q.contiguous(), kv.contiguous(), indices.contiguous(),
                                    out.contiguous(), lse.contiguous(), sm_scale, dm);
 }

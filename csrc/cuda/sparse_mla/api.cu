@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "glm5/checks.h"
+#include "glm5/sparse_mla_checks.h"
 #include "kernels.cuh"
 
 namespace {
@@ -45,26 +46,11 @@ void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
   }
 }
 
-struct Dims {
-  int64_t T, H, D, S, K, dv;
-};
+using glm5::sparse_mla_checks::Dims;
 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& indices, double sm_scale,
                   int64_t d_v) {
-  GLM5_CHECK_DEVICE_TYPE(q, at::kCUDA);
-  GLM5_CHECK_SAME_DEVICE(kv, q);
-  GLM5_CHECK_SAME_DEVICE(indices, q);
-  GLM5_CHECK_FLOAT(q);
-  GLM5_CHECK_SAME_DTYPE(kv, q);
-  GLM5_CHECK_DTYPE(indices, at::kInt);
-  GLM5_CHECK_NDIM(q, 3);
-  GLM5_CHECK_NDIM(kv, 2);
-  GLM5_CHECK_NDIM(indices, 2);
-  Dims dm{q.size(0), q.size(1), q.size(2), kv.size(0), indices.size(1), d_v};
-  GLM5_CHECK_SIZE(kv, 1, dm.D);
-  GLM5_CHECK_SIZE(indices, 0, dm.T);
-  TORCH_CHECK(d_v > 0 && d_v <= dm.D, "d_v must be in [1, D_qk = ", dm.D, "], got ", d_v);
-  TORCH_CHECK(std::isfinite(sm_scale), "sm_scale must be finite, got ", sm_scale);
+  const Dims dm = glm5::sparse_mla_checks::fwd_args(q, kv, indices, sm_scale, d_v, at::kCUDA);
   glm5::checked_int32(dm.H, "q.size(1) (H)");
   glm5::checked_int32(dm.D, "q.size(2) (D_qk)");
   glm5::checked_int32(dm.S, "kv.size(0) (S)");
@@ -211,18 +197,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(const at::Tensor& grad_ou
                                                        const at::Tensor& out, const at::Tensor& lse, double sm_scale,
                                                        int64_t d_v) {
   const Dims dm = check_inputs(q, kv, indices, sm_scale, d_v);
-  GLM5_CHECK_SAME_DEVICE(grad_out, q);
-  GLM5_CHECK_SAME_DEVICE(out, q);
-  GLM5_CHECK_SAME_DEVICE(lse, q);
-  GLM5_CHECK_SAME_DTYPE(grad_out, q);
-  GLM5_CHECK_SAME_DTYPE(out, q);
-  GLM5_CHECK_DTYPE(lse, acc_dtype(q.scalar_type()));
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({dm.T, dm.H, d_v}), "grad_out must have shape [", dm.T, ", ",
-              dm.H, ", ", d_v, "], got ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({dm.T, dm.H, d_v}), "out must have shape [", dm.T, ", ", dm.H, ", ",
-              d_v, "], got ", out.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({dm.T, dm.H}), "lse must have shape [", dm.T, ", ", dm.H, "], got ",
-              lse.sizes());
+  glm5::sparse_mla_checks::bwd_args(grad_out, out, lse, q, dm, acc_dtype(q.scalar_type()));
   const c10::cuda::CUDAGuard guard(q.device());
   return sparse_mla_bwd_contiguous(grad_out.contiguous(), q.contiguous(), kv.contiguous(), indices.contiguous(),
                                    out.contiguous(), lse.contiguous(), sm_scale, dm);
