@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <glm5/checks.h>
+#include <glm5/indexer_checks.h>
 
 #include <algorithm>
 #include <atomic>
@@ -55,40 +56,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Input checks
 // ---------------------------------------------------------------------------------------------
 
-// ks, ke: [T] int32 with 0 <= ks[t] <= ke[t] <= S (as glm5.ops.reference.check_ranges).
-void check_ranges(const at::Tensor& ks, const at::Tensor& ke, const at::Tensor& q, int64_t T, int64_t S) {
-  GLM5_CHECK_SAME_DEVICE(ks, q);
-  GLM5_CHECK_SAME_DEVICE(ke, q);
-  TORCH_CHECK_VALUE(ks.scalar_type() == at::kInt && ks.dim() == 1 && ks.size(0) == T,
-                    "ks must be an int32 tensor of shape (", T, ",), got ", ks.scalar_type(), " ", ks.sizes());
-  TORCH_CHECK_VALUE(ke.scalar_type() == at::kInt && ke.dim() == 1 && ke.size(0) == T,
-                    "ke must be an int32 tensor of shape (", T, ",), got ", ke.scalar_type(), " ", ke.sizes());
-  const at::Tensor ksc = ks.contiguous(), kec = ke.contiguous();
-  const int32_t* ksp = ksc.data_ptr<int32_t>();
-  const int32_t* kep = kec.data_ptr<int32_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK_VALUE(0 <= ksp[t] && ksp[t] <= kep[t] && kep[t] <= S, "ks/ke must satisfy 0 <= ks <= ke <= S=", S,
-                      ", got ks[", t, "]=", ksp[t], ", ke[", t, "]=", kep[t]);
-  }
-}
-
+// Shapes and dtypes: glm5/indexer_checks.h (shared with CUDA); ks/ke values on the host here.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
                   const at::Tensor& ke) {
-  GLM5_CHECK_DEVICE_TYPE(q, at::kCPU);
-  GLM5_CHECK_SAME_DEVICE(k, q);
-  GLM5_CHECK_SAME_DEVICE(w, q);
-  GLM5_CHECK_NDIM(q, 3);
-  GLM5_CHECK_NDIM(k, 2);
-  GLM5_CHECK_NDIM(w, 2);
-  GLM5_CHECK_FLOAT(q);
-  GLM5_CHECK_SAME_DTYPE(k, q);
-  GLM5_CHECK_SAME_DTYPE(w, q);
-  const int64_t T = q.size(0), HI = q.size(1), DI = q.size(2), S = k.size(0);
-  TORCH_CHECK(k.size(1) == DI, "k.size(1) must equal q.size(2) (the indexer head dim DI=", DI, "), got k of shape ",
-              k.sizes());
-  TORCH_CHECK(w.size(0) == T && w.size(1) == HI, "w must have shape (T, HI) = (", T, ", ", HI, "), got ", w.sizes());
-  glm5::checked_int32(S, "k.size(0) (S)");  // key indices are returned as int32
-  check_ranges(ks, ke, q, T, S);
+  glm5::indexer_checks::inputs(q, k, w, ks, ke, at::kCPU);
+  const at::Tensor ksc = ks.contiguous(), kec = ke.contiguous();
+  glm5::indexer_checks::ranges_values(ksc.data_ptr<int32_t>(), kec.data_ptr<int32_t>(), q.size(0), k.size(0));
 }
 
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }

@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "glm5/checks.h"
+#include "glm5/indexer_checks.h"
 #include "kernels.cuh"
 
 namespace {
@@ -40,36 +41,13 @@ void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
   }
 }
 
-// ks, ke: [T] int32 (their values are clamped on the device, see above).
-void check_ranges(const at::Tensor& ks, const at::Tensor& ke, const at::Tensor& q, int64_t T) {
-  GLM5_CHECK_SAME_DEVICE(ks, q);
-  GLM5_CHECK_SAME_DEVICE(ke, q);
-  TORCH_CHECK_VALUE(ks.scalar_type() == at::kInt && ks.dim() == 1 && ks.size(0) == T,
-                    "ks must be an int32 tensor of shape (", T, ",), got ", ks.scalar_type(), " ", ks.sizes());
-  TORCH_CHECK_VALUE(ke.scalar_type() == at::kInt && ke.dim() == 1 && ke.size(0) == T,
-                    "ke must be an int32 tensor of shape (", T, ",), got ", ke.scalar_type(), " ", ke.sizes());
-}
-
+// Shapes and dtypes as the CPU path (glm5/indexer_checks.h); ks/ke values are clamped on the device.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
                   const at::Tensor& ke) {
-  GLM5_CHECK_DEVICE_TYPE(q, at::kCUDA);
-  GLM5_CHECK_SAME_DEVICE(k, q);
-  GLM5_CHECK_SAME_DEVICE(w, q);
-  GLM5_CHECK_NDIM(q, 3);
-  GLM5_CHECK_NDIM(k, 2);
-  GLM5_CHECK_NDIM(w, 2);
-  GLM5_CHECK_FLOAT(q);
-  GLM5_CHECK_SAME_DTYPE(k, q);
-  GLM5_CHECK_SAME_DTYPE(w, q);
-  const int64_t T = q.size(0), HI = q.size(1), DI = q.size(2), S = k.size(0);
-  TORCH_CHECK(k.size(1) == DI, "k.size(1) must equal q.size(2) (the indexer head dim DI=", DI, "), got k of shape ",
-              k.sizes());
-  TORCH_CHECK(w.size(0) == T && w.size(1) == HI, "w must have shape (T, HI) = (", T, ", ", HI, "), got ", w.sizes());
-  glm5::checked_int32(S, "k.size(0) (S)");  // key indices are returned as int32
-  glm5::checked_int32(HI, "q.size(1) (HI)");
-  glm5::checked_int32(DI, "q.size(2) (DI)");
-  TORCH_CHECK(T < (int64_t(1) << 31), "q.size(0) (T) = ", T, " does not fit in int32");
-  check_ranges(ks, ke, q, T);
+  glm5::indexer_checks::inputs(q, k, w, ks, ke, at::kCUDA);
+  glm5::checked_int32(q.size(1), "q.size(1) (HI)");
+  glm5::checked_int32(q.size(2), "q.size(2) (DI)");
+  TORCH_CHECK(q.size(0) < (int64_t(1) << 31), "q.size(0) (T) = ", q.size(0), " does not fit in int32");
 }
 
 IndexerParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
