@@ -2,6 +2,8 @@
 // Same checks and error messages as the CPU path (csrc/cpu/sparse_mla.cpp), with one documented
 // difference: index VALUES are not range-checked on the host (that would sync the stream); a
 // slot outside [-1, S) is treated like -1 (skipped), and never read out of bounds.
+// bf16/fp16 forwards with D % 16 == 0 and d_v % 32 == 0 run on tensor cores (fwd_tc.cu); the rest,
+// and every dtype when GLM5_SPARSE_MLA_SIMT=1, on the CUDA-core kernels of kernels.cuh.
 // Status: compiled for sm_90a, not yet verified on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -16,6 +18,7 @@
 
 #include "glm5/checks.h"
 #include "glm5/sparse_mla_checks.h"
+#include "fwd_tc.h"
 #include "kernels.cuh"
 
 namespace {
@@ -67,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q_in, c
   at::Tensor out = at::empty({dm.T, dm.H, d_v}, q.options());
   at::Tensor lse = at::empty({dm.T, dm.H}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
+  if (sparse_mla_fwd_tc(q, kv, indices, sm_scale, out, lse)) return {out, lse};  // bf16/fp16 fast path
   const size_t limit = max_smem_optin(q.get_device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(q.scalar_type(), "sparse_mla_fwd", [&](auto t_tag, auto c_tag) {
