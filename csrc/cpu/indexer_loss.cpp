@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "glm5/checks.h"
+#include "glm5/indexer_loss_checks.h"
 
 // MKL (inside libtorch_cpu) lets a thread pin its own BLAS calls to one thread; absent elsewhere.
 // (The C entry point: the lower-case mkl_set_num_threads_local symbol is the Fortran one, by pointer.)
@@ -513,56 +514,13 @@ struct Shapes {
   at::ScalarType acc;
 };
 
-// Checks every argument (each error names it) and returns the sizes. The tensor names below are the
-// schema's argument names: the check macros put them in the messages.
+// Checks every argument (each error names it; glm5/indexer_loss_checks.h, shared with the CUDA wrapper)
+// and returns the sizes.
 Shapes check_inputs(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q,
                     const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& ks, const at::Tensor& ke,
                     double sm_scale, const std::optional<at::Tensor>& indices) {
-  for (const auto& [x, name] : {std::pair<const at::Tensor&, const char*>(q_idx, "q_idx"), {k_idx, "k_idx"}, {w, "w"},
-                                {q, "q"}, {kv, "kv"}, {lse, "lse"}, {ks, "ks"}, {ke, "ke"}}) {
-    TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-  }
-  if (indices.has_value()) {  // spelled out so the messages say "indices"
-    TORCH_CHECK(indices->device().is_cpu(), "indices must be a CPU tensor, got ", indices->device());
-    TORCH_CHECK(indices->dim() == 2, "indices must have 2 dimensions, got ", indices->dim(), " (shape ",
-                indices->sizes(), ")");
-    TORCH_CHECK(indices->scalar_type() == at::kInt, "indices must be Int, got ", indices->scalar_type());
-    TORCH_CHECK(indices->size(0) == q_idx.size(0), "indices.size(0) must be ", q_idx.size(0), ", got ",
-                indices->size(0), " (shape ", indices->sizes(), ")");
-  }
-  GLM5_CHECK_NDIM(q_idx, 3);
-  GLM5_CHECK_NDIM(k_idx, 2);
-  GLM5_CHECK_NDIM(w, 2);
-  GLM5_CHECK_NDIM(q, 3);
-  GLM5_CHECK_NDIM(kv, 2);
-  GLM5_CHECK_NDIM(lse, 2);
-  GLM5_CHECK_NDIM(ks, 1);
-  GLM5_CHECK_NDIM(ke, 1);
-  GLM5_CHECK_FLOAT(q_idx);
-  GLM5_CHECK_SAME_DTYPE(k_idx, q_idx);
-  GLM5_CHECK_SAME_DTYPE(w, q_idx);
-  GLM5_CHECK_FLOAT(q);
-  GLM5_CHECK_SAME_DTYPE(kv, q);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble,
-              "lse must be float32 or float64, got ", lse.scalar_type());
-  GLM5_CHECK_DTYPE(ks, at::kInt);
-  GLM5_CHECK_DTYPE(ke, at::kInt);
-  const int64_t T = q_idx.size(0), HI = q_idx.size(1), DI = q_idx.size(2);
-  const int64_t S = k_idx.size(0), H = q.size(1), D = q.size(2);
-  GLM5_CHECK_SIZE(k_idx, 1, DI);
-  GLM5_CHECK_SIZE(w, 0, T);
-  GLM5_CHECK_SIZE(w, 1, HI);
-  GLM5_CHECK_SIZE(q, 0, T);
-  GLM5_CHECK_SIZE(kv, 0, S);
-  GLM5_CHECK_SIZE(kv, 1, D);
-  GLM5_CHECK_SIZE(lse, 0, T);
-  GLM5_CHECK_SIZE(lse, 1, H);
-  GLM5_CHECK_SIZE(ks, 0, T);
-  GLM5_CHECK_SIZE(ke, 0, T);
-  TORCH_CHECK(std::isfinite(sm_scale), "sm_scale must be finite, got ", sm_scale);
-  glm5::checked_int32(S, "S (k_idx.size(0))");
-  const int64_t K = indices.has_value() ? indices->size(1) : 0;
-  return {T, S, HI, DI, H, D, K, q_idx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat};
+  const auto d = glm5::indexer_loss_checks::inputs(q_idx, k_idx, w, q, kv, lse, ks, ke, sm_scale, indices, at::kCPU);
+  return {d.T, d.S, d.HI, d.DI, d.H, d.D, d.K, q_idx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat};
 }
 
 // Value checks on the (contiguous) index tensors: 0 <= ks[t] <= ke[t] <= S, indices in [-1, S).
@@ -630,10 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_bwd_cpu(
     const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
     const std::optional<at::Tensor>& indices) {
   const Shapes sh = check_inputs(q_idx, k_idx, w, q, kv, lse, ks, ke, sm_scale, indices);
-  TORCH_CHECK(grad.device().is_cpu(), "grad must be a CPU tensor, got ", grad.device());
-  GLM5_CHECK_NDIM(grad, 1);
-  GLM5_CHECK_FLOAT(grad);
-  GLM5_CHECK_SIZE(grad, 0, sh.T);
+  glm5::indexer_loss_checks::grad_arg(grad, q_idx, sh.T, at::kCPU);
   const auto opts = q_idx.options().dtype(sh.acc);
   at::Tensor dq = at::zeros({sh.T * sh.HI, sh.DI}, opts);
   at::Tensor dk = at::zeros({sh.S, sh.DI}, opts);
