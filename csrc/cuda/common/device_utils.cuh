@@ -36,6 +36,14 @@ __device__ __forceinline__ double dev_exp(double x) { return exp(x); }
 __device__ __forceinline__ float dev_log(float x) { return logf(x); }
 __device__ __forceinline__ double dev_log(double x) { return log(x); }
 
+// The CTA's dynamic shared memory (a function, so tests/cuda_sim can supply its own buffer).
+#ifndef GLM5_CUDA_SIM
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char glm5_dynamic_smem[];
+  return glm5_dynamic_smem;
+}
+#endif
+
 template <typename ct>
 __device__ __forceinline__ ct neg_inf() {
   return -static_cast<ct>(INFINITY);

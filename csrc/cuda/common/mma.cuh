@@ -22,6 +22,9 @@ namespace glm5::cuda {
 template <typename T>
 inline constexpr bool kIsMmaType = std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>;
 
+// tests/cuda_sim defines GLM5_CUDA_SIM and its own (warp-emulated) versions of the PTX wrappers
+// below, so the kernels that use them can run on a CPU.
+#ifndef GLM5_CUDA_SIM
 // d = a * b + d on tensor cores (bf16 or fp16 inputs, fp32 accumulators).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -57,6 +60,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(row)));
 }
 
+#endif  // GLM5_CUDA_SIM
+
 // Two values of the compute type packed as one 32-bit register of T (round to nearest even); the
 // first value goes to the low half (the lower column / k index of a fragment).
 template <typename T>
@@ -71,6 +76,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+#ifndef GLM5_CUDA_SIM
 // 16-byte global -> shared copy that bypasses L1; valid == false writes 16 zero bytes instead (the
 // source is then not read, but must still be a legal address).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
@@ -83,5 +89,6 @@ template <int n>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(n));
 }
+#endif  // GLM5_CUDA_SIM
 
 }  // namespace glm5::cuda

@@ -1,0 +1,234 @@
+// A small CPU simulator for glm5's CUDA kernels, so their index arithmetic, fragment layouts and
+// barriers are tested on machines without a GPU (the real hardware tests are tests/ops/test_cuda_*.py).
+//
+// Every CUDA thread of a CTA is a std::thread; CTAs run one after another. __syncthreads is a
+// barrier over the CTA, and the warp-collective operations (shuffles, ldmatrix, mma.sync) exchange
+// their operands through per-warp slots between two warp barriers, then compute each lane's result
+// exactly as the PTX ISA defines it (the layouts are restated in csrc/cuda/common/mma.cuh). cp.async
+// copies are queued per thread and land only at cp.async.wait_group, so a kernel that reads a tile
+// before waiting for it reads stale data here too. mma accumulates in fp32 in increasing k order
+// (the hardware's order within one mma is unspecified: results match to fp32 rounding, not bitwise).
+//
+// Include this before any glm5 kernel header. Not supported: static __shared__ variables, atomics,
+// warp-divergent collectives (every lane of a warp must reach each collective, as on sm_70+ anyway).
+#pragma once
+#define GLM5_CUDA_SIM 1
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <vector_types.h>
+
+#include <array>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace glm5_sim {
+
+struct Slot {
+  uint32_t r[8];
+  const void* ptr;
+};
+
+struct Warp {
+  std::barrier<> bar{32};
+  std::array<Slot, 32> slot{};
+};
+
+struct Cta {
+  explicit Cta(int nthreads, size_t smem_bytes)
+      : bar(nthreads), warps(nthreads / 32), smem(smem_bytes + 128) {
+    for (auto& w : warps) w = std::make_unique<Warp>();
+  }
+  std::barrier<> bar;
+  std::atomic<int> flag{0};
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<unsigned char> smem;
+  unsigned char* smem_base() {  // 128-byte aligned, as CUDA's dynamic shared memory
+    return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t(127));
+  }
+};
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+struct ThreadCtx {
+  uint3 thread{}, block{};
+  dim3 block_dim{}, grid_dim{};
+  Cta* cta = nullptr;
+  std::vector<Copy> open;                 // cp.async copies not yet committed
+  std::vector<std::vector<Copy>> groups;  // committed, in flight (oldest first)
+};
+inline thread_local ThreadCtx tctx;
+
+inline int lane() { return int(tctx.thread.x) & 31; }
+inline Warp& warp() { return *tctx.cta->warps[tctx.thread.x / 32]; }
+
+// Runs kernel() for every thread of every CTA of the grid (blocks in x, then y, then z order).
+template <typename F>
+void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel) {
+  const int nthreads = int(block.x * block.y * block.z);
+  if (block.y != 1 || block.z != 1 || nthreads % 32 != 0)
+    throw std::invalid_argument("cuda_sim: 1-D blocks of whole warps only");
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Cta cta(nthreads, smem_bytes);
+        std::vector<std::thread> threads;
+        threads.reserve(nthreads);
+        for (int i = 0; i < nthreads; ++i)
+          threads.emplace_back([&, i] {
+            tctx = ThreadCtx{};
+            tctx.thread = uint3{unsigned(i), 0, 0};
+            tctx.block = uint3{bx, by, bz};
+            tctx.block_dim = block;
+            tctx.grid_dim = grid;
+            tctx.cta = &cta;
+            kernel();
+            if (!tctx.open.empty() || !tctx.groups.empty()) std::abort();  // copies never waited for
+          });
+        for (auto& t : threads) t.join();
+      }
+}
+
+// One warp-collective step: publish this lane's slot, wait, compute from all slots, wait.
+template <typename Post, typename Read>
+inline void warp_exchange(Post&& post, Read&& read) {
+  Warp& w = warp();
+  post(w.slot[lane()]);
+  w.bar.arrive_and_wait();
+  read(w.slot);
+  w.bar.arrive_and_wait();
+}
+
+template <typename T>
+inline float to_float(uint16_t bits) {
+  T v;
+  std::memcpy(&v, &bits, 2);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return __half2float(v);
+}
+
+}  // namespace glm5_sim
+
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx (::glm5_sim::tctx.thread)
+#define blockIdx (::glm5_sim::tctx.block)
+#define blockDim (::glm5_sim::tctx.block_dim)
+#define gridDim (::glm5_sim::tctx.grid_dim)
+
+// CUDA's global min/max overloads (mixed integer types take the common type).
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) { return a < b ? a : b; }
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
+
+inline void __syncthreads() { glm5_sim::tctx.cta->bar.arrive_and_wait(); }
+
+inline int __syncthreads_or(int pred) {
+  auto& cta = *glm5_sim::tctx.cta;
+  if (pred) cta.flag.store(1);
+  cta.bar.arrive_and_wait();
+  const int any = cta.flag.load();
+  cta.bar.arrive_and_wait();
+  if (threadIdx.x == 0) cta.flag.store(0);
+  cta.bar.arrive_and_wait();
+  return any;
+}
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int lane_mask) {
+  static_assert(sizeof(V) <= sizeof(glm5_sim::Slot::r));
+  V out;
+  glm5_sim::warp_exchange([&](glm5_sim::Slot& s) { std::memcpy(s.r, &v, sizeof(V)); },
+                          [&](auto& slots) { std::memcpy(&out, slots[glm5_sim::lane() ^ lane_mask].r, sizeof(V)); });
+  return out;
+}
+
+namespace glm5::cuda {
+
+inline unsigned char* dynamic_smem() { return glm5_sim::tctx.cta->smem_base(); }
+
+// ldmatrix.m8n8.x4(.trans).b16: lanes 8i..8i+7 address the rows of matrix i.
+inline void ldmatrix_impl(uint32_t (&r)[4], const void* row, bool trans) {
+  glm5_sim::warp_exchange([&](glm5_sim::Slot& s) { s.ptr = row; },
+                          [&](auto& slots) {
+                            const int L = glm5_sim::lane();
+                            for (int i = 0; i < 4; ++i) {
+                              uint16_t lo, hi;
+                              if (!trans) {  // row L / 4, columns 2 (L % 4), +1
+                                const auto* p = static_cast<const uint16_t*>(slots[8 * i + L / 4].ptr);
+                                lo = p[2 * (L % 4)], hi = p[2 * (L % 4) + 1];
+                              } else {  // rows 2 (L % 4), +1 of column L / 4
+                                lo = static_cast<const uint16_t*>(slots[8 * i + 2 * (L % 4)].ptr)[L / 4];
+                                hi = static_cast<const uint16_t*>(slots[8 * i + 2 * (L % 4) + 1].ptr)[L / 4];
+                              }
+                              r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+                            }
+                          });
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ldmatrix_impl(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ldmatrix_impl(r, row, true); }
+
+// mma.sync.m16n8k16.row.col.f32: rebuild A (16x16) and B (16x8) from the 32 lanes' fragments.
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  float A[16][16], B[16][8];
+  glm5_sim::warp_exchange(
+      [&](glm5_sim::Slot& s) {
+        for (int i = 0; i < 4; ++i) s.r[i] = a[i];
+        s.r[4] = b0, s.r[5] = b1;
+      },
+      [&](auto& slots) {
+        for (int l = 0; l < 32; ++l) {
+          const int g = l / 4, c = l % 4;
+          const uint32_t* r = slots[l].r;
+          auto lo = [](uint32_t v) { return glm5_sim::to_float<T>(uint16_t(v & 0xffff)); };
+          auto hi = [](uint32_t v) { return glm5_sim::to_float<T>(uint16_t(v >> 16)); };
+          A[g][2 * c] = lo(r[0]), A[g][2 * c + 1] = hi(r[0]);
+          A[g + 8][2 * c] = lo(r[1]), A[g + 8][2 * c + 1] = hi(r[1]);
+          A[g][2 * c + 8] = lo(r[2]), A[g][2 * c + 9] = hi(r[2]);
+          A[g + 8][2 * c + 8] = lo(r[3]), A[g + 8][2 * c + 9] = hi(r[3]);
+          B[2 * c][g] = lo(r[4]), B[2 * c + 1][g] = hi(r[4]);
+          B[2 * c + 8][g] = lo(r[5]), B[2 * c + 9][g] = hi(r[5]);
+        }
+      });
+  const int g = glm5_sim::lane() / 4, c = glm5_sim::lane() % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
+    float v = d[e];
+    for (int k = 0; k < 16; ++k) v += A[row][k] * B[k][col];
+    d[e] = v;
+  }
+}
+
+inline void cp_async_16(void* dst, const void* src, bool valid) { glm5_sim::tctx.open.push_back({dst, src, valid}); }
+inline void cp_async_commit() {
+  auto& t = glm5_sim::tctx;
+  t.groups.push_back(std::move(t.open));
+  t.open.clear();
+}
+template <int n>
+inline void cp_async_wait() {
+  auto& t = glm5_sim::tctx;
+  while (t.groups.size() > size_t(n)) {
+    for (const auto& c : t.groups.front()) {
+      if (c.valid) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    t.groups.erase(t.groups.begin());
+  }
+}
+
+}  // namespace glm5::cuda

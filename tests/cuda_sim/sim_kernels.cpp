@@ -1,0 +1,57 @@
+// glm5 CUDA kernels compiled for the CPU simulator (cuda_sim.h) and bound to Python for the tests in
+// this folder. Each binding mirrors its CUDA host launcher: same parameter block, grid and block.
+#include "cuda_sim.h"
+// clang-format off: the simulator must come first
+#include "../../csrc/cuda/sparse_mla/fwd_tc_kernel.cuh"
+// clang-format on
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace {
+
+using namespace glm5::cuda;
+
+template <typename T, int MT>
+void run_fwd_tc(const SparseMlaFwdParams& p) {
+  const size_t smem = sparse_mla_tc::sparse_mla_fwd_tc_smem<MT>(p.D, sizeof(T));
+  const dim3 grid(unsigned(p.T), unsigned((p.H + 16 * MT - 1) / (16 * MT)));
+  glm5_sim::launch(grid, dim3(64 * MT), smem, [&] { sparse_mla_tc::sparse_mla_fwd_tc_kernel<T, MT>(p); });
+}
+
+// sparse_mla_fwd_tc on CPU tensors (bf16 or fp16, contiguous); the caller picks supported shapes.
+std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_tc(const at::Tensor& q, const at::Tensor& kv,
+                                                     const at::Tensor& indices, double sm_scale, int64_t dv) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "bf16 or fp16");
+  TORCH_CHECK(q.size(2) % 16 == 0 && dv % 32 == 0 && dv <= 512 && indices.size(1) > 0, "unsupported shape");
+  const at::Tensor qc = q.contiguous(), kvc = kv.contiguous(), ic = indices.contiguous();
+  at::Tensor out = at::empty({q.size(0), q.size(1), dv}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  SparseMlaFwdParams p{};
+  p.q = qc.data_ptr();
+  p.kv = kvc.data_ptr();
+  p.indices = ic.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.T = q.size(0);
+  p.H = int(q.size(1)), p.D = int(q.size(2)), p.S = int(kv.size(0)), p.K = int(indices.size(1)), p.dv = int(dv);
+  p.scale = sm_scale;
+  const int mt = int(std::min<int64_t>(4, (p.H + 15) / 16));
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    switch (mt) {
+      case 1: run_fwd_tc<T, 1>(p); break;
+      case 2: run_fwd_tc<T, 2>(p); break;
+      case 3: run_fwd_tc<T, 3>(p); break;
+      default: run_fwd_tc<T, 4>(p); break;
+    }
+  };
+  if (q.scalar_type() == at::kBFloat16) go(__nv_bfloat16{});
+  else go(__half{});
+  return {out, lse};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("sparse_mla_fwd_tc", &sparse_mla_fwd_tc); }

@@ -1,0 +1,40 @@
+"""The tensor-core sparse MLA forward (fwd_tc_kernel.cuh) on the CPU simulator against the reference.
+
+Same cases and tolerance rule as tests/ops/test_cuda_sparse_mla_tc.py (which runs the kernel on a
+GPU); sizes are kept small because every simulated CUDA thread is an OS thread.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm5.ops import reference
+from numerics import assert_close_to_ref
+from test_sparse_mla import Case, dead, make_inputs, upcast
+from test_sparse_mla import floor as mla_floor
+
+CASES = [
+    Case(T=2, S=64, K=32, H=4, D=64, dv=32),  # one m-tile, 12 padded heads, one full block
+    Case(T=2, S=256, K=64, H=16, D=64, dv=64),  # d_v == D, two blocks
+    Case(T=3, S=300, K=77, H=32, D=128, dv=64, pad=0.2),  # two m-tiles, partial last block
+    Case(T=3, S=500, K=40, H=40, D=96, dv=64, dup=True, dead_rows=1),  # three m-tiles, padded
+    Case(T=2, S=700, K=45, H=80, D=64, dv=32, spread=6.0),  # two head groups; the max moves
+    Case(T=3, S=20, K=70, H=8, D=32, dv=32, pad=0.5),  # K > S: mostly -1 slots
+    Case(T=1, S=200, K=64, H=64, D=576, dv=512),  # GLM-5 head dims, 4 m-tiles, 32 O tiles per warp
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_sim_tc_forward(sim, case, dtype):
+    x = make_inputs(case, dtype)
+    out, lse = sim.sparse_mla_fwd_tc(*x)
+    truth_out, truth_lse = reference.sparse_mla(*upcast(x))
+    lowp_out, _ = reference.sparse_mla(*x)
+    assert_close_to_ref(out, truth_out, lowp_out, floor=mla_floor(truth_out, dtype, case.K), name="out")
+    finite = torch.isfinite(truth_lse)
+    top = float(truth_lse[finite].abs().max()) if finite.any() else 1.0
+    assert_close_to_ref(lse, truth_lse, None, floor=64 * torch.finfo(torch.float32).eps * max(1.0, top), name="lse")
+    empty = dead(x)
+    assert not out[empty].any() and torch.isposinf(lse[empty]).all()
