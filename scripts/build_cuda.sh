@@ -28,4 +28,7 @@ assert info["cuda_kernels"], "extension was built without its CUDA kernels"
 print("[glm5] CUDA build ok: torch", info["torch"], "CUDA", info["torch_cuda"], "archs", info["cuda_archs"])
 for op, backends in info["ops"].items():
     print(f"  glm5::{op:<24} {', '.join(backends) or 'no kernel'}")
+missing = [op for op, backends in info["ops"].items() if "CUDA" not in backends]
+if missing:  # every op must have a CUDA kernel in a CUDA build
+    raise SystemExit(f"[glm5] FAIL: no CUDA kernel registered for {', '.join(missing)}")
 PY
