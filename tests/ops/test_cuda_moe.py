@@ -24,7 +24,7 @@ import glm5
 from glm5.ops import reference
 from numerics import assert_close_to_ref, calc_diff
 from test_moe import DTYPES, GEMM_CASES, MOE_CASES, PERM_CASES, GemmCase, MoECase, PermCase, dname
-from test_moe import _grads, _opcheck_samples, gemm_inputs, make_topk, moe_inputs, perm_inputs
+from test_moe import _counts, _grads, _opcheck_samples, gemm_inputs, make_topk, moe_inputs, perm_inputs
 from test_moe_route import CASES as ROUTE_CASES
 from test_moe_route import Case as RouteCase
 from test_moe_route import TINY as ROUTE_TINY
@@ -54,6 +54,44 @@ GPU_GEMM_CASES = [
     GemmCase(counts=(130, 0, 64, 1, 257), K=100, N=200, lead=5, tail=70),
     GemmCase(counts=tuple([0] * 20 + [300] + [0] * 20), K=33, N=65),
 ]
+
+
+# k-grouped wgrad shapes for the CUTLASS path (bf16 with N and K multiples of 8); other dtypes take the
+# SIMT kernel on the same cases. Row counts are deliberately not multiples of 8, 64 (the CUTLASS K
+# tile) or 128, and empty experts (which CUTLASS must never be given: it would not write them) appear
+# in the first, last and middle positions.
+WGRAD_CASES = [
+    GemmCase(counts=(5, 0, 17, 1, 0, 130, 63, 257), K=72, N=40, lead=3, tail=9),  # odd row offsets
+    GemmCase(counts=(0, 0, 515, 0), K=136, N=264),  # one expert holds every row
+    GemmCase(counts=(128, 256, 0, 384, 128), K=128, N=256),  # offsets aligned to 128 (moe_permute alignment)
+    GemmCase(counts=(64, 0, 192, 7), K=8, N=8, lead=64),  # the smallest aligned N and K, far below a tile
+    GemmCase(counts=tuple(0 if i % 7 == 0 else c for i, c in enumerate(_counts(70, 1, 40, 3))), K=32, N=48),  # > 32 groups
+    GemmCase(counts=(0, 0, 0), K=16, N=24, lead=5, tail=5),  # rows exist but every expert is empty
+    GemmCase(counts=(1500, 3, 700, 0), K=264, N=392),  # several M, N and K tiles
+]
+
+
+CUTLASS_GEMM = "cutlass::device_kernel"  # the CUTLASS kernel's name (our own helper kernels are not named so)
+
+
+def cuda_kernels(fn) -> set[str]:
+    """Names of the CUDA kernels that fn() launches (skips if the profiler sees none: no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels")
+    return names
+
+
+def dirty_cache(nbytes: int) -> None:
+    """Leaves NaN-filled (all-ones bytes) blocks of nbytes in the caching allocator, so an output allocated next
+    starts as garbage rather than zeros (an unwritten output then fails the test)."""
+    blocks = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    del blocks
 
 
 # ---- moe_route ---------------------------------------------------------------------------------
@@ -203,6 +241,60 @@ def test_grouped_gemm_wgrad_matches_reference(case, dtype):
     assert dw.shape == (len(case.counts), case.N, case.K) and dw.dtype == dtype
     gemm_tols(dw, reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets), reference.grouped_gemm_wgrad(dy, x, offsets))
     assert not dw[torch.tensor(case.counts, device="cuda") == 0].any(), "experts without rows get a zero gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=str)
+def test_grouped_gemm_wgrad_aligned_matches_reference(case, dtype):
+    # bf16: CUTLASS's k-grouped GEMM; fp16, fp32, fp64: the SIMT kernel
+    x, _, offsets = gemm_inputs(case, dtype, seed=4)
+    dy = torch.randn(x.shape[0], case.N, generator=torch.Generator().manual_seed(5)).to(dtype)
+    E = len(case.counts)
+    args = cuda(dy, x, offsets)
+    dirty_cache(E * case.N * case.K * x.element_size())
+    dw = glm5.ops.grouped_gemm_wgrad(*args)
+    assert dw.is_cuda and dw.shape == (E, case.N, case.K) and dw.dtype == dtype
+    gemm_tols(dw, reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets), reference.grouped_gemm_wgrad(dy, x, offsets))
+    empty = torch.tensor(case.counts, device="cuda") == 0
+    assert torch.equal(dw[empty], torch.zeros_like(dw[empty])), "experts without rows get exact zeros"
+
+
+@pytest.mark.sm90
+@pytest.mark.parametrize("case", [WGRAD_CASES[0], WGRAD_CASES[4], WGRAD_CASES[5]], ids=str)
+def test_grouped_gemm_wgrad_takes_cutlass_for_aligned_bf16(case):
+    x, _, offsets = cuda(*gemm_inputs(case, torch.bfloat16))
+    dy = torch.randn(x.shape[0], case.N, device="cuda").bfloat16()
+    names = cuda_kernels(lambda: glm5.ops.grouped_gemm_wgrad(dy, x, offsets))
+    assert any(CUTLASS_GEMM in n for n in names) and not any("grouped_wgrad_simt" in n for n in names), names
+    for other in (torch.float16, torch.float32, torch.float64):  # no CUTLASS instantiation: SIMT
+        names = cuda_kernels(lambda: glm5.ops.grouped_gemm_wgrad(dy.to(other), x.to(other), offsets))
+        assert any("grouped_wgrad_simt" in n for n in names) and not any(CUTLASS_GEMM in n for n in names), names
+    # N not a multiple of 8: TMA cannot read dy, so SIMT
+    names = cuda_kernels(lambda: glm5.ops.grouped_gemm_wgrad(dy[:, :-1], x, offsets))
+    assert any("grouped_wgrad_simt" in n for n in names) and not any(CUTLASS_GEMM in n for n in names), names
+
+
+@pytest.mark.sm90
+@pytest.mark.parametrize("trans_w", [False, True], ids=["nt", "nn"])
+def test_grouped_gemm_takes_cutlass_for_aligned_bf16(trans_w):
+    x, w, offsets = cuda(*gemm_inputs(WGRAD_CASES[0], torch.bfloat16, trans_w))
+    names = cuda_kernels(lambda: glm5.ops.grouped_gemm(x, w, offsets, trans_w))
+    assert any(CUTLASS_GEMM in n for n in names) and not any("grouped_gemm_simt" in n for n in names), names
+
+
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=str)
+def test_grouped_gemm_wgrad_aligned_exact_integers_and_deterministic(case):
+    # small integers: every product and partial sum is exact in fp32, so the bf16 output is the exact
+    # result rounded once, as the fp64 reference rounded to bf16
+    x, _, offsets = gemm_inputs(case, torch.bfloat16, integer=True)
+    dy = torch.randint(-3, 4, (x.shape[0], case.N), generator=torch.Generator().manual_seed(6)).bfloat16()
+    expect = reference.grouped_gemm_wgrad(dy.double(), x.double(), offsets).bfloat16()
+    a = glm5.ops.grouped_gemm_wgrad(*cuda(dy, x, offsets))
+    assert torch.equal(a.cpu(), expect)
+    assert torch.equal(glm5.ops.grouped_gemm_wgrad(*cuda(dy, x, offsets)), a)
+    # non-contiguous inputs are copied first: the same result
+    dyt = dy.cuda().t().contiguous().t()
+    assert not dyt.is_contiguous() and torch.equal(glm5.ops.grouped_gemm_wgrad(dyt, x.cuda(), offsets.cuda()), a)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=dname)

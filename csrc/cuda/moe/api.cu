@@ -35,12 +35,17 @@
 
 #ifndef GLM5_DISABLE_CUTLASS_GROUPED_GEMM
 namespace glm5::moe {
-// grouped_gemm_cutlass_{nt,nn}.cu: bf16 with CUTLASS 3's Hopper ptr-array grouped GEMM. They return
-// false, having launched nothing, for problems outside their alignment rules or on a non-sm_90 GPU.
+// grouped_gemm_cutlass_{nt,nn,wgrad}.cu: bf16 with CUTLASS 3's Hopper ptr-array grouped GEMM. They
+// return false, having launched nothing, for problems outside their alignment rules, on a non-sm_90
+// GPU, or if CUTLASS's can_implement refuses (then with a one-time warning); the caller then takes the
+// SIMT kernel, which handles every input.
 bool grouped_gemm_bf16_cutlass_nt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& start,
                                   const at::Tensor& end, at::Tensor& y);
 bool grouped_gemm_bf16_cutlass_nn(const at::Tensor& x, const at::Tensor& w, const at::Tensor& start,
                                   const at::Tensor& end, at::Tensor& y);
+// dw[e] = dy[rows of e]^T @ x[rows of e] for every e, zeros for experts without rows.
+bool grouped_gemm_wgrad_bf16_cutlass(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& start,
+                                     const at::Tensor& end, at::Tensor& dw);
 }  // namespace glm5::moe
 #endif
 
@@ -419,9 +424,15 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& dy, const at::Tensor& x, co
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor dw = at::empty({E, N, K}, dy.options());
   if (N == 0 || K == 0) return dw;
+  if (M == 0) return dw.zero_();  // every expert is empty
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Layout l = group_layout(offsets, E, M, stream);
+#ifndef GLM5_DISABLE_CUTLASS_GROUPED_GEMM
+  if (dy.scalar_type() == at::kBFloat16 && grouped_gemm_wgrad_bf16_cutlass(dyc, xc, l.bounds[0], l.bounds[1], dw)) {
+    return dw;
+  }
+#endif
   const int64_t k_tiles = ceil_div<int64_t>(K, kTileM), n_tiles = ceil_div<int64_t>(N, kTileN);
   TORCH_CHECK(E * k_tiles < (int64_t{1} << 31) && n_tiles <= 65535,
               "grouped_gemm_wgrad: problem too large for one launch: E=", E, ", N=", N, ", K=", K);
