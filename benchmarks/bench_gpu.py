@@ -729,7 +729,7 @@ def format_row(r: dict) -> list[str]:
     if r.get("bench_error"):
         return [f"{r['bench']:<19} ERROR: {r['bench_error']}"]
     chk = r.get("check") or {}
-    check = "-" if not chk else ("ok" if chk.get("ok") else "MISMATCH" if "error" not in chk else "check error")
+    check = "-" if not chk else ("ok" if chk.get("ok") else "MISMATCH" if "error" not in chk else "ERROR")
     met = "-" if r["met"] is None else ("MET" if r["met"] else "not met")
     head = (f"{r['bench']:<19} {r['case']:<28} {_f(r['ms'], '9.3f')} ms {_f(r['tflops'], '7.1f')} TF/s | "
             f"{(r['baseline'] or '-'):<18} {_f(r['baseline_ms'], '9.3f')} ms  x{_f(r['ratio'], '.2f'):<6} | "
@@ -750,6 +750,10 @@ def format_row(r: dict) -> list[str]:
     elif chk and not chk.get("ok"):
         lines.append(f"{'':<19}   check: " + ", ".join(f"{k}={v}" for k, v in chk.items() if k != "ok"))
     return lines
+
+
+HEADER = (f"{'benchmark':<19} {'case':<28} {'glm5 ms':>12} {'TFLOP/s':>12} | {'baseline':<18} {'ms':>12}  "
+          f"{'speedup':<7} | {'target':<30} {'met':<7} | check")
 
 
 def summary(rows: list[dict]) -> dict:
@@ -889,6 +893,8 @@ def main(argv=None) -> int:
                   " the glm5 rows will error, the torch baselines are still measured", flush=True)
 
     rows: list[dict] = payload["rows"]
+    if not args.child:
+        print(HEADER, flush=True)
     for i, name in enumerate(names):
         if deadline is not None and time.monotonic() > deadline:
             rows.append({"bench": name, "skipped": "out of the --budget-s time"})
@@ -918,7 +924,8 @@ def main(argv=None) -> int:
     payload["seconds"] = round(time.monotonic() - t_start, 1)
     write_all(paths, payload)
     if not args.child:
-        print(f"\n== bench_gpu summary ({gpu}, {payload['seconds']} s) ==")
+        print(f"\n== bench_gpu summary ({gpu}, {payload['seconds']} s; speedup = baseline ms / glm5 ms) ==")
+        print(HEADER)
         for r in rows:
             for line in format_row(r)[:1]:
                 print(line)

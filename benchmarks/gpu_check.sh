@@ -10,17 +10,17 @@
 #   deps   the carried wheels into build/gpu_site (put on PYTHONPATH), only for what is missing
 #   build  pip install --target build/gpu_site --no-build-isolation, CUDA on, 9.0a only   (<= 300 s)
 #   tests  pytest -m cuda, one process per tests/ops/test_cuda_*.py, so that a sticky CUDA error in
-#          one file cannot fail the other; a junit xml each                             (<= 150 s)
+#          one file cannot fail the others; their junit xml merged into one              (<= 180 s)
 #   bench  benchmarks/bench_gpu.py (GLM-5 shapes; GPU_CHECK_QUICK=1 for --quick)        (<= 120 s)
 # On a warm machine build/gpu and build/gpu_site are still there: a rerun builds incrementally.
 # Files in $OUT (default ./gpu_check_out; a device run brings back 8 at most): gpu_check.log (this
-# output), build.log, tests.log, junit_<test file>.xml, bench_gpu.json, summary.json.
+# output), build.log, tests.log, junit_cuda.xml (one testsuite per file), bench_gpu.json, summary.json.
 # Exit: 0 build ok, all tests passed, every benchmark ran with its check ok; 1 otherwise (failed
 # tests, a stage out of time, benchmark errors or mismatches); 2 the build or the import failed;
 # 3 no GPU (GPU_CHECK_ALLOW_NO_GPU=1 goes on: a rehearsal of build + tests on a machine without one).
 # Knobs: PYTHON (default: the first python3/python that imports torch), OUT, GPU_CHECK_BUDGET_S,
 # GPU_CHECK_BUILD_S / GPU_CHECK_TESTS_S / GPU_CHECK_BENCH_S (stage caps), GPU_CHECK_STAGES (default
-# "build,tests,bench"), GPU_CHECK_QUICK=1, GPU_CHECK_PYTEST_ARGS (default "-q -rfE --maxfail=30"),
+# "build,tests,bench"), GPU_CHECK_QUICK=1, GPU_CHECK_PYTEST_ARGS (default "-v -rfE --maxfail=30"),
 # GPU_CHECK_FORCE_WHEELS=1 (install the carried wheels even when present), GLM5_GIT_COMMIT (recorded
 # in the results: the machine's copy of the tree has no .git).
 set -euo pipefail
@@ -37,7 +37,7 @@ TEE_PID=$!
 
 BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 STAGES=",${GPU_CHECK_STAGES:-build,tests,bench},"
-PYTEST_ARGS="${GPU_CHECK_PYTEST_ARGS:--q -rfE --maxfail=30}"
+PYTEST_ARGS="${GPU_CHECK_PYTEST_ARGS:--v -rfE --maxfail=30}"
 SITE="$ROOT/build/gpu_site"
 DEPS="$ROOT/build/gpu_deps"
 SCRATCH="$(mktemp -d)"
@@ -93,9 +93,9 @@ s = {"build": build, "tests": tests, "bench": bench, "exit_code": int(code), "se
 for f in sorted(glob.glob(os.path.join(out, "junit_*.xml"))):
     try:
         root = ET.parse(f).getroot()
-        suite = root if root.tag == "testsuite" else root.find("testsuite")
-        s["junit"][os.path.basename(f)] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    except Exception as e:  # a run killed mid-write leaves no valid xml
+        for suite in [root] if root.tag == "testsuite" else list(root):
+            s["junit"][suite.get("name")] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    except Exception as e:
         s["junit"][os.path.basename(f)] = {"unreadable": str(e)}
 bj = os.path.join(out, "bench_gpu.json")
 if os.path.exists(bj):
@@ -197,10 +197,13 @@ sys.exit(0 if ok else 1)
 PY
 }
 have_pytest() { "$PY" -c "import sys, pytest; sys.exit(0 if int(pytest.__version__.split('.')[0]) >= 8 else 1)" 2>/dev/null; }
-have_cmake() {  # CMakeLists.txt needs 3.26
-  local v
-  v=$(cmake --version 2>/dev/null | head -1 | grep -o '[0-9][0-9.]*' || true)
-  [ -n "$v" ] && [ "$(printf '%s\n3.26\n' "$v" | sort -V | head -1)" = 3.26 ]
+have_cmake() {  # CMakeLists.txt needs 3.26; scikit-build-core takes the cmake Python package's or PATH's
+  local exe v
+  for exe in "$("$PY" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null)" cmake; do
+    v=$("$exe" --version 2>/dev/null | head -1 | grep -o '[0-9][0-9.]*' || true)
+    [ -n "$v" ] && [ "$(printf '%s\n3.26\n' "$v" | sort -V | head -1)" = 3.26 ] && return 0
+  done
+  return 1
 }
 PIP=("$PY" -m pip install -q --no-index --upgrade --no-compile --target "$SITE")
 if [ "$force" = 1 ] || ! have_cutlass; then
@@ -250,11 +253,13 @@ if [[ $STAGES == *,build,* ]]; then
   fi
   grep -E '^\[[0-9]+/[0-9]+\]' "$OUT/build.log" | tail -3 || true
 fi
-# The installed glm5 (not the source tree) must import with its CUDA kernels; import glm5 and glm5.ops
-# must not need the project's optional runtime dependencies (tokenizers, safetensors, ...).
+# The installed glm5 (not the source tree) must import with its CUDA kernels; report which of the
+# project's runtime dependencies (tokenizers, safetensors, ...) `import glm5, glm5.ops` pulls in.
 if ! (cd "$SCRATCH" && timeout 120 "$PY" - "$SITE") <<'PY'
 import sys
 site = sys.argv[1]
+import torch  # noqa: F401
+before = set(sys.modules)
 import glm5, glm5.ops  # noqa: E401
 info = glm5.build_info()
 assert glm5.__file__.startswith(site), f"imported glm5 from {glm5.__file__}, not from {site}"
@@ -264,8 +269,9 @@ print(f"glm5 {info['glm5']} from {glm5.__file__}: built against torch {info['bui
       f"CUDA archs {info['cuda_archs']}, nvcc {info['nvcc']}")
 for op, b in info["ops"].items():
     print(f"  glm5::{op:<22} {', '.join(b) or 'no kernel'}")
-extra = [m for m in ("tokenizers", "safetensors", "tqdm", "tensorboard", "matplotlib", "transformers") if m in sys.modules]
-print("optional dependencies imported by `import glm5, glm5.ops`:", extra or "none")
+deps = ("tokenizers", "safetensors", "tqdm", "tensorboard", "matplotlib", "numpy", "transformers")
+extra = [m for m in deps if m in sys.modules and m not in before]
+print("runtime dependencies that `import glm5, glm5.ops` imports (beyond torch's own):", extra or "none")
 PY
 then
   BUILD_RESULT="FAILED (built, but glm5 does not import with CUDA kernels)"
@@ -277,17 +283,21 @@ if [[ $STAGES == *,build,* ]]; then BUILD_RESULT="ok"; else BUILD_RESULT="skippe
 # ---- tests -------------------------------------------------------------------------------------
 if [[ $STAGES == *,tests,* ]]; then
   files=(tests/ops/test_cuda_*.py)
-  ((${#files[@]} <= 3)) || files=(tests/ops)  # keep the files in $OUT within the 8 that come back
-  total=$(stage_limit "${GPU_CHECK_TESTS_S:-150}" 60)
+  total=$(stage_limit "${GPU_CHECK_TESTS_S:-180}" 60)
   log "== tests: pytest -m cuda ${PYTEST_ARGS} on ${files[*]} (${total}s in all)"
   t_start=$SECONDS
   TESTS_RESULT=""
   for i in "${!files[@]}"; do
     f=${files[$i]}
     base=$(basename "$f" .py)
+    # All that is left, less 20 s for each file after this one (but at least a fair share): a slow
+    # file may run long, a hung one leaves the others some time. (A pytest killed by its timeout
+    # writes no junit; -v in tests.log then names the test it was in.)
+    after=$((${#files[@]} - i - 1))
     left=$((total - (SECONDS - t_start)))
-    lim=$((left / (${#files[@]} - i)))
-    if ((lim < 20)); then
+    lim=$((left - 20 * after))
+    ((lim >= left / (after + 1))) || lim=$((left / (after + 1)))
+    if ((lim < 15)); then
       log "[tests:$base] skipped: out of time"
       TESTS_RESULT+="$base: skipped (time); "
       EXIT=1
@@ -296,10 +306,22 @@ if [[ $STAGES == *,tests,* ]]; then
     part="$SCRATCH/$base.log"
     # shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
     run_stage "tests:$base" "$lim" "$part" "$PY" -m pytest -m cuda $PYTEST_ARGS -p no:cacheprovider \
-      --junitxml="$OUT/junit_$base.xml" "$f"
+      -o junit_suite_name="$base" --junitxml="$SCRATCH/junit_$base.xml" "$f"
     { echo "==== $f (rc $STAGE_RC)"; cat "$part"; } >>"$OUT/tests.log"
     grep -E '^(FAILED|ERROR) ' "$part" | head -20 || true
-    tail -n 3 "$part"
+    tail -n 2 "$part"
+    # One junit file for all test files (a device run brings back 8 files at most), merged after each.
+    "$PY" - "$OUT/junit_cuda.xml" "$SCRATCH"/junit_*.xml <<'PY' || log "junit merge failed"
+import sys, xml.etree.ElementTree as ET
+root = ET.Element("testsuites")
+for part in sys.argv[2:]:
+    try:
+        r = ET.parse(part).getroot()
+        root.extend([r] if r.tag == "testsuite" else list(r))
+    except Exception as e:  # a pytest killed by its timeout writes no xml
+        ET.SubElement(root, "testsuite", name=part, tests="0", failures="0", errors="1", skipped="0", message=str(e))
+ET.ElementTree(root).write(sys.argv[1], encoding="utf-8", xml_declaration=True)
+PY
     case $STAGE_RC in
       0) TESTS_RESULT+="$base: passed; " ;;
       124 | 137) TESTS_RESULT+="$base: TIMED OUT; " ;;
