@@ -181,14 +181,21 @@ def make_row(bench: str, case: str, shape: dict, flops: int | None, formula: str
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64 over finite reference entries (inf if out has a NaN/inf there)."""
-    ref = ref.double()
-    out = out.double()
-    fin = torch.isfinite(ref)
-    if not torch.isfinite(out[fin]).all():
-        return math.inf
-    den = ref[fin].norm().item()
-    return (out[fin] - ref[fin]).norm().item() / max(den, 1e-30)
+    """||out - ref|| / ||ref|| in fp64 over finite reference entries (inf if out has a NaN/inf there),
+    in slices of 2^26 elements so that a GB-sized output needs no fp64 copy of itself."""
+    if out.shape != ref.shape:
+        raise ValueError(f"shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
+    out, ref = out.reshape(-1), ref.reshape(-1)
+    num = den = 0.0
+    step = 1 << 26
+    for i in range(0, ref.numel(), step):
+        r, o = ref[i:i + step].double(), out[i:i + step].double()
+        fin = torch.isfinite(r)
+        if not torch.isfinite(o[fin]).all():
+            return math.inf
+        num += (o[fin] - r[fin]).square().sum().item()
+        den += r[fin].square().sum().item()
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
 def close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> dict:

@@ -361,9 +361,9 @@ print(f"bench: targets met {s.get('targets_met')}/{s.get('targets_total')}, chec
       f"errors {len(s.get('errors', []))}, skipped {len(s.get('skipped', []))}")
 for r in b["rows"]:
     if r.get("target"):
-        tf = "-" if r.get("tflops") is None else f"{r['tflops']:.1f} TFLOP/s"
+        tf = "-" if r.get("tflops") is None else f"{r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s"
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x {r.get('baseline')}"
-        print(f"  {r['bench']:<16} {r['case']:<26} {tf:>16}  {ratio:<28} target {r['target']:<28} "
+        print(f"  {r['bench']:<16} {r['case']:<26} {tf:>28}  {ratio:<28} target {r['target']:<28} "
               f"{'MET' if r.get('met') else 'not met'}  check {'ok' if (r.get('check') or {}).get('ok') else 'FAILED'}")
 sys.exit(1 if s.get("checks_failed") or s.get("errors") or s.get("skipped") else 0)
 PY
