@@ -3,6 +3,7 @@
 // ranks, shapes and devices, with two documented differences (both avoid a host sync):
 // - ks/ke VALUES are not validated; the kernels clamp them to [0, S] (ks > ke: no visible key).
 // - indexer_topk treats a NaN score as -inf (never selected) instead of raising ValueError.
+// bf16/fp16 inputs of supported shapes take the tensor-core kernels (tc.h); the rest the SIMT ones.
 // Status: compiled for sm_90a, not yet verified on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,6 +16,7 @@
 #include "glm5/checks.h"
 #include "glm5/indexer_checks.h"
 #include "kernels.cuh"
+#include "tc.h"
 
 namespace {
 
@@ -82,6 +84,10 @@ at::Tensor indexer_logits_cuda(const at::Tensor& q_, const at::Tensor& k_, const
   const int64_t T = q.size(0), S = k.size(0);
   at::Tensor logits = at::empty({T, S}, q.options().dtype(acc_type(q)));
   if (T == 0 || S == 0) return logits;
+  if (indexer_tc_eligible(q, k)) {
+    indexer_logits_tc(q, k, w, ks, ke, logits);
+    return logits;
+  }
   IndexerParams p = make_params(q, k, w, ks, ke);
   p.logits = logits.data_ptr();
   const size_t limit = max_smem_optin(q.get_device());
@@ -161,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor> indexer_topk_cuda(const at::Tensor& q_, const
   at::Tensor indices = at::full({T, topk}, -1, q.options().dtype(at::kInt));
   at::Tensor scores = at::full({T, topk}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_type(q)));
   if (T == 0 || S == 0) return {indices, scores};
+  if (indexer_tc_eligible(q, k) && indexer_topk_tc(q, k, w, ks, ke, topk, indices, scores)) return {indices, scores};
   IndexerParams p = make_params(q, k, w, ks, ke);
   p.topk = int(topk);
   p.out_idx = indices.data_ptr<int32_t>();
@@ -169,9 +176,14 @@ std::tuple<at::Tensor, at::Tensor> indexer_topk_cuda(const at::Tensor& q_, const
   dispatch_float(q.scalar_type(), "indexer_topk", [&](auto t_tag, auto c_tag) {
     using T_ = decltype(t_tag);
     using ct = decltype(c_tag);
-    p.bs = pick_tile(256, 2, limit,
-                     [&](int bs) { return indexer_topk_smem<ct>(p.HI, p.DI, bs, p.ldk, p.topk); }, "indexer_topk");
-    const size_t smem = indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk);
+    // The largest key tile that fits with a 256-entry candidate buffer, then the largest buffer (<= 1024).
+    constexpr int kMinCap = kIndexerThreads;
+    p.bs = pick_tile(kIndexerThreads, 2, limit,
+                     [&](int bs) { return indexer_topk_smem<ct>(p.HI, p.DI, bs, p.ldk, p.topk, kMinCap); },
+                     "indexer_topk");
+    p.cap = 1024;
+    while (p.cap > kMinCap && indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk, p.cap) > limit) p.cap /= 2;
+    const size_t smem = indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk, p.cap);
     auto kernel = indexer_topk_kernel<T_, ct>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<unsigned(T), kIndexerThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);

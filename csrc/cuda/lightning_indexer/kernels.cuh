@@ -1,7 +1,9 @@
-// Lightning-indexer CUDA kernels: logits, their backward, and the fused top-k that never writes
-// the [T, S] logits to global memory. Semantics: glm5/ops/reference.py (indexer_logits/_topk).
+// Lightning-indexer CUDA kernels on CUDA cores: logits, their backward, and the fused top-k that never
+// writes the [T, S] logits to global memory. Semantics: glm5/ops/reference.py (indexer_logits/_topk).
+// bf16/fp16 inputs of supported shapes take the tensor-core kernels instead (tc_kernels.cuh); these
+// serve fp32/fp64, the other shapes, and GLM5_INDEXER_SIMT=1.
 //
-// Simple, clearly correct kernels first (CUDA cores, fp32 accumulation, fp64 for fp64 inputs):
+// Simple, clearly correct kernels (fp32 accumulation, fp64 for fp64 inputs):
 //   score(t, s) = sum_j w[t, j] * relu(q[t, j, :] . k[s, :]), heads j in increasing order, every
 //   dot product in increasing d order, in the same code (indexer_score) for logits and top-k, so the
 //   top-k's scores are bit-identical to the logits kernel's.
@@ -9,11 +11,10 @@
 // - backward: dq and dw by one CTA per query (its visible keys in tiles), dk by one CTA per key tile
 //   (every query in increasing t): each output element is summed by one thread in a fixed order, so
 //   the result is deterministic without atomics.
-// - top-k: one CTA per query. Each tile of visible keys is scored into shared memory, bitonic-sorted
-//   in the (score descending, key ascending) order, and merged with the running sorted top-k list
-//   (rank of an element = its position + the number of elements of the other list before it; the
-//   order is strict, so ranks are distinct). NaN scores are treated as -inf (never selected; a slot
-//   whose score is -inf is reported as -1), since raising would need a host sync.
+// - top-k: one CTA per query. Each tile of visible keys is scored into shared memory and offered to
+//   the exact selection of topk_select.cuh (threshold filter, compaction, sorted merges; order: score
+//   descending, then key ascending). NaN scores are treated as -inf (never selected; a slot whose score
+//   is -inf is reported as -1), since raising would need a host sync.
 // ks/ke are clamped to [0, S] in the kernels (the host does not read them: no sync).
 #pragma once
 #include <cuda_runtime.h>
@@ -22,6 +23,7 @@
 
 #include "../common/device_utils.cuh"
 #include "params.h"
+#include "topk_select.cuh"
 
 namespace glm5::cuda {
 
@@ -218,111 +220,41 @@ __global__ void __launch_bounds__(kIndexerThreads) indexer_bwd_k_kernel(const In
 // Top-k
 // ---------------------------------------------------------------------------------------------
 
-// a comes before b: higher score, or equal score and smaller key.
+// Byte offset of the selection state (after q, w, the key tile and the tile scores) and the total.
 template <typename ct>
-__device__ __forceinline__ bool topk_before(ct sa, int ia, ct sb, int ib) {
-  return sa > sb || (sa == sb && ia < ib);
+__host__ __device__ inline size_t indexer_topk_sel_offset(int HI, int DI, int bs, int ldk) {
+  return (sizeof(ct) * (size_t(HI) * DI + HI + size_t(bs) * ldk + size_t(bs)) + 15) / 16 * 16;
+}
+template <typename ct>
+__host__ __device__ inline size_t indexer_topk_smem(int HI, int DI, int bs, int ldk, int topk, int cap) {
+  return indexer_topk_sel_offset<ct>(HI, DI, bs, ldk) + topk_select_smem<ct>(1, topk, cap, kIndexerThreads / 32);
 }
 
-// Number of the first n entries of a sorted list that come before (s, i).
-template <typename ct>
-__device__ __forceinline__ int count_before(const ct* vs, const int* is, int n, ct s, int i) {
-  int lo = 0, hi = n;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (topk_before(vs[mid], is[mid], s, i)) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
-template <typename ct>
-__host__ __device__ inline size_t indexer_topk_smem(int HI, int DI, int bs, int ldk, int topk) {
-  return sizeof(ct) * (size_t(HI) * DI + HI + size_t(bs) * ldk + size_t(bs) + 2 * size_t(topk)) +
-         sizeof(int) * (size_t(bs) + 2 * size_t(topk));
-}
-
-// One CTA per query; bs (a power of two) keys per tile, kIndexerThreads >= bs / 2 threads.
+// One CTA per query; bs <= kIndexerThreads keys per tile, p.cap a power of two >= bs.
 template <typename T, typename ct>
 __global__ void __launch_bounds__(kIndexerThreads) indexer_topk_kernel(const IndexerParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int HI = p.HI, DI = p.DI, bs = p.bs, ldk = p.ldk, topk = p.topk;
+  const int HI = p.HI, DI = p.DI, bs = p.bs, ldk = p.ldk;
   ct* qs = reinterpret_cast<ct*>(smem_raw);  // [HI][DI]
   ct* ws = qs + HI * DI;                      // [HI]
   ct* kt = ws + HI;                           // [bs][ldk]
-  ct* tv = kt + bs * ldk;                     // [bs] tile scores
-  ct* lv[2] = {tv + bs, tv + bs + topk};      // [topk] x 2 running list scores
-  int* ti = reinterpret_cast<int*>(lv[1] + topk);  // [bs] tile keys
-  int* li[2] = {ti + bs, ti + bs + topk};          // [topk] x 2 running list keys
+  ct* ts = kt + bs * ldk;                     // [bs] tile scores
+  TopkSelect<ct, 1> sel(smem_raw + indexer_topk_sel_offset<ct>(HI, DI, bs, ldk), p.topk, p.cap);
   const int64_t t = blockIdx.x;
   int lo, hi;
   visible_range(p, t, lo, hi);
   load_query<T, ct>(p, t, qs, ws);
-  int cnt = 0, cur = 0;
   for (int s0 = lo; s0 < hi; s0 += bs) {
     const int n = min(bs, hi - s0);
-    __syncthreads();
+    __syncthreads();  // the previous tile's keys are no longer read
     load_keys<T, ct>(p, s0, n, kt);
     __syncthreads();
-    for (int i = threadIdx.x; i < bs; i += blockDim.x) {
-      ct v = neg_inf<ct>();
-      int key = INT_MAX;  // padding: after every real entry
-      if (i < n) {
-        v = indexer_score(qs, ws, kt + i * ldk, HI, DI);
-        if (v != v) v = neg_inf<ct>();  // NaN: never selected
-        key = s0 + i;
-      }
-      tv[i] = v;
-      ti[i] = key;
-    }
-    // Bitonic sort of the tile, best first.
-    for (int size = 2; size <= bs; size <<= 1) {
-      for (int stride = size >> 1; stride > 0; stride >>= 1) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < bs; i += blockDim.x) {
-          const int j = i ^ stride;
-          if (j > i) {
-            const bool up = (i & size) == 0;
-            const bool j_first = topk_before(tv[j], ti[j], tv[i], ti[i]);
-            if (j_first == up) {
-              const ct v = tv[i];
-              tv[i] = tv[j];
-              tv[j] = v;
-              const int k = ti[i];
-              ti[i] = ti[j];
-              ti[j] = k;
-            }
-          }
-        }
-      }
-    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ts[i] = indexer_score(qs, ws, kt + i * ldk, HI, DI);
     __syncthreads();
-    // Merge the n real tile entries with the cnt list entries into the other buffer.
-    const int nxt = cur ^ 1;
-    for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
-      const int r = i + count_before(tv, ti, n, lv[cur][i], li[cur][i]);
-      if (r < topk) {
-        lv[nxt][r] = lv[cur][i];
-        li[nxt][r] = li[cur][i];
-      }
-    }
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const int r = i + count_before(lv[cur], li[cur], cnt, tv[i], ti[i]);
-      if (r < topk) {
-        lv[nxt][r] = tv[i];
-        li[nxt][r] = ti[i];
-      }
-    }
-    cnt = min(cnt + n, topk);
-    cur = nxt;
+    sel.add_tile(0, ts, n, s0, lo, hi);
   }
-  __syncthreads();
-  ct* out_v = static_cast<ct*>(p.out_val) + t * topk;
-  int32_t* out_i = p.out_idx + t * topk;
-  for (int i = threadIdx.x; i < topk; i += blockDim.x) {
-    const bool real = i < cnt && lv[cur][i] != neg_inf<ct>();
-    out_v[i] = real ? lv[cur][i] : neg_inf<ct>();
-    out_i[i] = real ? li[cur][i] : -1;
-  }
+  sel.flush(0);
+  sel.store(0, static_cast<ct*>(p.out_val) + t * p.topk, p.out_idx + t * p.topk);
 }
 
 }  // namespace glm5::cuda

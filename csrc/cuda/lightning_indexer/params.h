@@ -12,8 +12,9 @@ struct IndexerParams {
   const int32_t* ke;  // [T] one past the last visible key
   int64_t T;
   int S, HI, DI;
-  int bs;   // keys per shared-memory tile
-  int ldk;  // padded (odd) row stride of the key tile
+  int bs;   // keys per shared-memory tile (SIMT kernels)
+  int ldk;  // padded (odd) row stride of the key tile (SIMT kernels)
+  int qb;   // queries per CTA (tensor-core logits)
   // indexer_logits
   void* logits;  // [T, S] compute dtype
   // indexer_logits_bwd
@@ -23,6 +24,7 @@ struct IndexerParams {
   void* dw;          // [T, HI] compute dtype
   // indexer_topk
   int topk;
+  int cap;  // candidate buffer entries per query (a power of two >= the key tile)
   int32_t* out_idx;  // [T, topk]
   void* out_val;     // [T, topk] compute dtype
 };

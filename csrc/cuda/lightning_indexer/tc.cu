@@ -1,0 +1,152 @@
+// Host launchers of the tensor-core lightning-indexer kernels (design: tc_kernels.cuh).
+// Knobs (results never depend on them; tests use them to cover every path):
+//   GLM5_INDEXER_SIMT=1          the SIMT kernels for every dtype and shape
+//   GLM5_INDEXER_TOPK_QB=1|2|4   queries per top-k CTA (default: the most that still fills the GPU)
+//   GLM5_INDEXER_TOPK_CAP=N      top-k candidate buffer per query, a power of two in [256, 4096]
+//                                (default: the largest of 1024, 512, 256 that fits)
+//   GLM5_INDEXER_LOGITS_QB=N     queries per logits CTA, 1..1024 (default: up to 32)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#include "tc.h"
+#include "tc_kernels.cuh"
+
+namespace glm5::cuda {
+namespace {
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
+// The positive integer in environment variable `name`, or 0 when it is unset or empty.
+int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return 0;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && x > 0 && x <= (1 << 20), name, " must be a positive integer, got '", v,
+              "'");
+  return int(x);
+}
+
+bool aligned16(const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; }
+
+IndexerParams tc_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
+                        const at::Tensor& ke) {
+  IndexerParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.w = w.data_ptr();
+  p.ks = ks.data_ptr<int32_t>();
+  p.ke = ke.data_ptr<int32_t>();
+  p.T = q.size(0);
+  p.S = int(k.size(0)), p.HI = int(q.size(1)), p.DI = int(q.size(2));
+  return p;
+}
+
+int num_sms(const at::Tensor& q) { return at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount; }
+
+size_t smem_optin(const at::Tensor& q) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
+  return size_t(v);
+}
+
+template <typename T>
+void launch_logits(const IndexerParams& p, size_t smem, cudaStream_t stream) {
+  auto kernel = indexer_logits_tc_kernel<T>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const dim3 grid(unsigned((p.T + p.qb - 1) / p.qb), unsigned((p.S + kTcTileKeys - 1) / kTcTileKeys));
+  kernel<<<grid, kTcThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int QB>
+void launch_topk(const IndexerParams& p, size_t smem, cudaStream_t stream) {
+  auto kernel = indexer_topk_tc_kernel<T, QB>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<unsigned((p.T + QB - 1) / QB), kTcThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_topk_qb(int qb, const IndexerParams& p, size_t smem, cudaStream_t stream) {
+  switch (qb) {
+    case 1: launch_topk<T, 1>(p, smem, stream); break;
+    case 2: launch_topk<T, 2>(p, smem, stream); break;
+    default: launch_topk<T, 4>(p, smem, stream); break;
+  }
+}
+
+}  // namespace
+
+bool indexer_tc_eligible(const at::Tensor& q, const at::Tensor& k) {
+  if (env_flag("GLM5_INDEXER_SIMT")) return false;
+  const auto dtype = q.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  const int64_t HI = q.size(1), DI = q.size(2);
+  if (HI < 16 || HI % 16 != 0 || DI < 16 || DI % 16 != 0 || DI > 16 * kTcMaxKSteps) return false;
+  return aligned16(q) && aligned16(k);
+}
+
+void indexer_logits_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
+                       const at::Tensor& ke, at::Tensor& logits) {
+  IndexerParams p = tc_params(q, k, w, ks, ke);
+  p.logits = logits.data_ptr();
+  const int64_t tiles = (p.S + kTcTileKeys - 1) / kTcTileKeys;
+  TORCH_CHECK(tiles <= 65535, "indexer_logits: S = ", p.S, " needs ", tiles, " key tiles, more than 65535");
+  // Enough CTAs for two waves when T allows, at most 32 queries per CTA (each reuses the key tile).
+  int qb = env_int("GLM5_INDEXER_LOGITS_QB");
+  if (qb == 0) {
+    qb = 32;
+    while (qb > 1 && (p.T + qb - 1) / qb * tiles < 2 * int64_t(num_sms(q))) qb /= 2;
+  }
+  p.qb = int(std::min<int64_t>(qb, p.T));
+  const size_t smem = tc_logits_smem(p.HI, p.DI).total;
+  TORCH_CHECK(smem <= smem_optin(q), "indexer_logits: these sizes need ", smem, " bytes of shared memory");
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kBFloat16) launch_logits<__nv_bfloat16>(p, smem, stream);
+  else launch_logits<__half>(p, smem, stream);
+}
+
+bool indexer_topk_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
+                     const at::Tensor& ke, int64_t topk, at::Tensor& indices, at::Tensor& scores) {
+  IndexerParams p = tc_params(q, k, w, ks, ke);
+  p.topk = int(topk);
+  p.out_idx = indices.data_ptr<int32_t>();
+  p.out_val = scores.data_ptr();
+  const size_t limit = smem_optin(q);
+  const int want_qb = env_int("GLM5_INDEXER_TOPK_QB");
+  const int want_cap = env_int("GLM5_INDEXER_TOPK_CAP");
+  TORCH_CHECK(want_qb == 0 || want_qb == 1 || want_qb == 2 || want_qb == 4,
+              "GLM5_INDEXER_TOPK_QB must be 1, 2 or 4, got ", want_qb);
+  TORCH_CHECK(want_cap == 0 || (want_cap >= kTcTileKeys && want_cap <= 4096 && (want_cap & (want_cap - 1)) == 0),
+              "GLM5_INDEXER_TOPK_CAP must be a power of two in [", kTcTileKeys, ", 4096], got ", want_cap);
+  // Queries per CTA: the most (of 4, 2, 1) that still gives every SM a CTA; then the largest candidate
+  // buffer that fits, with fewer queries per CTA when none does.
+  int qb = want_qb;
+  if (qb == 0) {
+    const int64_t sms = num_sms(q);
+    qb = (p.T + 3) / 4 >= sms ? 4 : (p.T + 1) / 2 >= sms ? 2 : 1;
+  }
+  for (; qb >= 1; qb /= 2) {
+    for (int cap = want_cap ? want_cap : 1024; cap >= (want_cap ? want_cap : kTcTileKeys); cap /= 2) {
+      const size_t smem = tc_topk_smem(qb, p.HI, p.DI, p.topk, cap).total;
+      if (smem > limit) continue;
+      p.cap = cap;
+      cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      if (q.scalar_type() == at::kBFloat16) launch_topk_qb<__nv_bfloat16>(qb, p, smem, stream);
+      else launch_topk_qb<__half>(qb, p, smem, stream);
+      return true;
+    }
+    if (want_qb != 0) break;  // an explicit choice is not second-guessed
+  }
+  return false;
+}
+
+}  // namespace glm5::cuda
