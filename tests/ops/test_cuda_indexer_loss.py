@@ -310,5 +310,6 @@ def test_values_are_clamped(name):
 
 
 def test_every_op_has_a_cuda_kernel():
-    missing = [op for op in glm5.ops.OP_NAMES if not torch._C._dispatch_has_kernel_for_dispatch_key(f"glm5::{op}", "CUDA")]
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    missing = [op for op in glm5.ops.OP_NAMES if not has(f"glm5::{op}", "CUDA")]
     assert not missing, f"no CUDA kernel for {missing}"

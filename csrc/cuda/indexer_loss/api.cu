@@ -116,15 +116,10 @@ IndexerLossParams make_params(const Inputs& in, const Dims& d, double sm_scale) 
   return p;
 }
 
-// Picks the largest tiling (bs keys x hb heads, from 32 x 16) whose shared memory fits, or a clear error.
+// loss_pick_tiling (kernels.cuh), or a clear error when even the smallest tiling does not fit.
 template <typename SmemFn>
 size_t pick_tiling(IndexerLossParams& p, size_t limit, const SmemFn& smem, const char* op) {
-  p.bs = 32;
-  p.hb = std::max(1, std::min(p.H, 16));
-  while (smem(p) > limit && (p.bs > 8 || p.hb > 1)) {
-    if (p.bs > 8) p.bs /= 2; else p.hb = std::max(1, p.hb / 2);
-  }
-  const size_t bytes = smem(p);
+  const size_t bytes = loss_pick_tiling(p, limit, smem);
   TORCH_CHECK(bytes <= limit, op, ": these sizes (HI=", p.HI, ", DI=", p.DI, ", H=", p.H, ", D=", p.D, ") need ",
               bytes, " bytes of shared memory, more than this GPU's ", limit);
   return bytes;

@@ -19,8 +19,9 @@
 // - dk_idx, a reduction over queries, without atomics. Dense: one CTA per key tile loops over every query
 //   in increasing t, recomputing dI from the per-query statistics pass 1 saved. Sparse: pass 2 saves dI
 //   per slot ([T, K]); the slots are stable-radix-sorted by key and one CTA per key sums its slots in
-//   (t, slot) order. Each output element is a sequential sum in a fixed order: deterministic, and
-//   independent of the launch configuration (and, sparse, of the query chunking of the sort).
+//   (t, slot) order. Each output element is a sequential sum in a fixed order: deterministic run to run,
+//   and (sparse) bitwise independent of the query chunking of the sort. (The per-query sums over tiles
+//   follow the tile size, which the host picks from the shapes and the GPU's shared memory.)
 // - Every per-key quantity (dot products in increasing d, P over heads in increasing h, I over indexer
 //   heads in increasing j) is computed by the same code in every kernel, so the ReLU masks and dI agree
 //   bit for bit between the dq_idx/dw and the dk_idx kernels.
@@ -73,6 +74,18 @@ __host__ __device__ inline LossSmemOffsets loss_smem_offsets(const IndexerLossPa
 template <typename ct>
 __host__ __device__ inline size_t loss_smem_bytes(const IndexerLossParams& p, size_t acc_elems) {
   return sizeof(ct) * loss_smem_offsets(p, acc_elems).n_ct + sizeof(int) * (size_t(p.bs) + 1);
+}
+
+// Host: the largest tiling (bs keys x hb heads, from 32 x 16; bs shrinks to 8 first, then hb) whose shared
+// memory smem(p) fits in limit. Sets p.bs / p.hb and returns smem(p) (above limit when nothing fits).
+template <typename SmemFn>
+inline size_t loss_pick_tiling(IndexerLossParams& p, size_t limit, const SmemFn& smem) {
+  p.bs = 32;
+  p.hb = p.H < 1 ? 1 : (p.H < 16 ? p.H : 16);
+  while (smem(p) > limit && (p.bs > 8 || p.hb > 1)) {
+    if (p.bs > 8) p.bs /= 2; else p.hb = p.hb / 2 < 1 ? 1 : p.hb / 2;
+  }
+  return smem(p);
 }
 
 // Accumulator sizes: the per-query backward keeps dq_idx[t] and dw[t], the dense dk kernel its tile's rows.
@@ -289,7 +302,7 @@ __host__ __device__ inline size_t loss_fwd_smem(const IndexerLossParams& p) {
 // One CTA per query: loss[t] = KL(p_t || softmax(I_t)), 0 for an empty set.
 template <typename Ti, typename Tm, typename ct>
 __global__ void __launch_bounds__(kLossThreads) indexer_loss_fwd_kernel(const IndexerLossParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const LossSmem<ct> s = loss_smem<ct>(p, smem_raw, 0);
   const int64_t t = blockIdx.x;
   int lo, hi;
@@ -330,7 +343,7 @@ __host__ __device__ inline size_t loss_bwd_query_smem(const IndexerLossParams& p
 // One CTA per query: dq_idx[t], dw[t]; saves stats[t] (dense dk kernel) or dI per slot (sparse).
 template <typename Ti, typename Tm, typename ct>
 __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_query_kernel(const IndexerLossParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const LossSmem<ct> s = loss_smem<ct>(p, smem_raw, bwd_query_acc_elems(p));
   const int HI = p.HI, DI = p.DI, bs = p.bs, ldi = p.ldi;
   ct* dq = s.acc;            // [HI][DI]
@@ -399,7 +412,7 @@ __host__ __device__ inline size_t loss_dk_dense_smem(const IndexerLossParams& p)
 // tile: dk[s] += sum_j G[j][s] q_idx[t, j] with dI recomputed from stats[t] (written by the query kernel).
 template <typename Ti, typename Tm, typename ct>
 __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_dk_dense_kernel(const IndexerLossParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const LossSmem<ct> s = loss_smem<ct>(p, smem_raw, dk_dense_acc_elems(p));
   const int HI = p.HI, DI = p.DI, bs = p.bs, ldi = p.ldi;
   const int s0 = blockIdx.x * bs, nk = min(bs, p.S - s0);
@@ -462,21 +475,21 @@ __device__ inline int64_t loss_lower_bound(const uint32_t* a, int64_t n, uint32_
 
 template <typename ct>
 __host__ __device__ inline size_t loss_dk_sparse_smem(const IndexerLossParams& p) {
-  return sizeof(ct) * (2 * size_t(p.DI) + size_t(p.HI) * p.DI + 2 * size_t(p.HI));
+  return 2 * sizeof(int64_t) + sizeof(ct) * (2 * size_t(p.DI) + size_t(p.HI) * p.DI + 2 * size_t(p.HI));
 }
 
 // One CTA per key s: dk[s] += sum over its slots (t, k), in (t, k) order, of sum_j G[j] q_idx[t, j] with
 // G[j] = dI[t, k] w[t, j] [q_idx[t, j] . k_idx[s] > 0]. dk holds the previous query chunks' sum.
 template <typename Ti, typename ct>
 __global__ void __launch_bounds__(kLossReduceThreads) indexer_loss_bwd_dk_sparse_kernel(const IndexerLossParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const int HI = p.HI, DI = p.DI;
-  ct* kr = reinterpret_cast<ct*>(smem_raw);  // [DI] k_idx[s]
-  ct* acc = kr + DI;                          // [DI]
-  ct* qi = acc + DI;                          // [HI][DI] q_idx[t] of the current slot
-  ct* wg = qi + HI * DI;                      // [HI] w[t] * dI of the slot
-  ct* coef = wg + HI;                         // [HI] G
-  __shared__ int64_t range[2];
+  int64_t* range = reinterpret_cast<int64_t*>(smem_raw);  // [2] the key's slots [e0, e1) in sorted order
+  ct* kr = reinterpret_cast<ct*>(range + 2);               // [DI] k_idx[s]
+  ct* acc = kr + DI;                                       // [DI]
+  ct* qi = acc + DI;                                       // [HI][DI] q_idx[t] of the current slot
+  ct* wg = qi + HI * DI;                                   // [HI] w[t]
+  ct* coef = wg + HI;                                      // [HI] G
   const int s = blockIdx.x;
   if (threadIdx.x == 0) {
     range[0] = loss_lower_bound(p.sorted_keys, p.n, uint32_t(s));

@@ -1,0 +1,201 @@
+// The indexer KL loss CUDA kernels of csrc/cuda/indexer_loss/kernels.cuh on the CPU simulator, bound to
+// Python for test_sim_indexer_loss.py. The bindings mirror the host launcher (csrc/cuda/indexer_loss/api.cu):
+// same parameter block, input conversions, tiling search (loss_pick_tiling), grids, blocks and sort chunking.
+// The one substitution: cub::DeviceRadixSort (a stable sort of the slots by key) is std::stable_sort.
+// smem_limit plays the device's opt-in shared-memory limit (232448 bytes on an H100/H200); a smaller one
+// forces smaller tilings (fewer keys per tile, several chunks of q's heads).
+#include "cuda_sim.h"
+// clang-format off: the simulator must come first
+#include "../../csrc/cuda/indexer_loss/kernels.cuh"
+// clang-format on
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using namespace glm5::cuda;
+
+int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
+
+at::ScalarType acc_type(const at::Tensor& q_idx) {
+  return q_idx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// api.cu's dispatch_types: f(Ti{}, Tm{}, ct{}).
+template <typename F>
+void dispatch_types(at::ScalarType indexer_dtype, bool main_same, F&& f) {
+  switch (indexer_dtype) {
+    case at::kFloat: f(float{}, float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}, double{}); break;
+    case at::kBFloat16:
+      if (main_same) f(__nv_bfloat16{}, __nv_bfloat16{}, float{}); else f(__nv_bfloat16{}, float{}, float{});
+      break;
+    case at::kHalf:
+      if (main_same) f(__half{}, __half{}, float{}); else f(__half{}, float{}, float{});
+      break;
+    default: TORCH_CHECK(false, "unsupported dtype ", indexer_dtype);
+  }
+}
+
+struct Inputs {
+  at::Tensor q_idx, k_idx, w, q, kv, lse, ks, ke, indices;
+  bool main_same = true;
+  int64_t T = 0, S = 0, K = 0;
+};
+
+// api.cu's prepare + make_params (the tests pass well-formed CPU tensors; the op's checks are tested elsewhere).
+Inputs prepare(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q,
+               const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& ks, const at::Tensor& ke,
+               const std::optional<at::Tensor>& indices) {
+  const auto acc = acc_type(q_idx);
+  Inputs in;
+  in.main_same = q.scalar_type() == q_idx.scalar_type();
+  in.q_idx = q_idx.contiguous();
+  in.k_idx = k_idx.contiguous();
+  in.w = w.contiguous();
+  in.q = in.main_same ? q.contiguous() : q.to(acc).contiguous();
+  in.kv = in.main_same ? kv.contiguous() : kv.to(acc).contiguous();
+  in.lse = lse.to(acc).contiguous();
+  in.ks = ks.contiguous();
+  in.ke = ke.contiguous();
+  if (indices.has_value()) in.indices = indices->contiguous();
+  in.T = q_idx.size(0), in.S = k_idx.size(0), in.K = indices.has_value() ? indices->size(1) : 0;
+  return in;
+}
+
+IndexerLossParams make_params(const Inputs& in, double sm_scale) {
+  IndexerLossParams p{};
+  p.q_idx = in.q_idx.data_ptr();
+  p.k_idx = in.k_idx.data_ptr();
+  p.w = in.w.data_ptr();
+  p.q = in.q.data_ptr();
+  p.kv = in.kv.data_ptr();
+  p.lse = in.lse.data_ptr();
+  p.ks = in.ks.data_ptr<int32_t>();
+  p.ke = in.ke.data_ptr<int32_t>();
+  p.indices = in.indices.defined() ? in.indices.data_ptr<int32_t>() : nullptr;
+  p.T = in.T;
+  p.S = int(in.S), p.HI = int(in.q_idx.size(1)), p.DI = int(in.q_idx.size(2)), p.H = int(in.q.size(1));
+  p.D = int(in.q.size(2)), p.K = int(in.K);
+  p.sm_scale = sm_scale;
+  p.ldm = odd_stride(p.D);
+  p.ldi = odd_stride(p.DI);
+  return p;
+}
+
+bool nothing_to_do(const Inputs& in) { return in.T == 0 || in.S == 0 || (in.indices.defined() && in.K == 0); }
+
+template <typename SmemFn>
+size_t pick(IndexerLossParams& p, size_t limit, const SmemFn& smem) {
+  const size_t bytes = loss_pick_tiling(p, limit, smem);
+  TORCH_CHECK(bytes <= limit, "too much shared memory");
+  return bytes;
+}
+
+// The per-query losses and the tiling (bs, hb) the launch used.
+std::tuple<at::Tensor, std::vector<int64_t>> fwd(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
+                                                 const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
+                                                 const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
+                                                 const std::optional<at::Tensor>& indices, int64_t smem_limit) {
+  const Inputs in = prepare(q_idx, k_idx, w, q, kv, lse, ks, ke, indices);
+  std::vector<int64_t> tiling;
+  if (nothing_to_do(in)) return {at::zeros({in.T}, q_idx.options().dtype(acc_type(q_idx))), tiling};
+  at::Tensor loss = at::empty({in.T}, q_idx.options().dtype(acc_type(q_idx)));
+  IndexerLossParams p = make_params(in, sm_scale);
+  p.loss = loss.data_ptr();
+  dispatch_types(q_idx.scalar_type(), in.main_same, [&](auto ti, auto tm, auto tc) {
+    using Ti = decltype(ti);
+    using Tm = decltype(tm);
+    using ct = decltype(tc);
+    const size_t smem = pick(p, size_t(smem_limit), loss_fwd_smem<ct>);
+    glm5_sim::launch(dim3(unsigned(in.T)), dim3(kLossThreads), smem, [&] { indexer_loss_fwd_kernel<Ti, Tm, ct>(p); });
+    tiling = {p.bs, p.hb};
+  });
+  return {loss, tiling};
+}
+
+// api.cu's sparse_dk with a CPU stable sort in place of cub's.
+template <typename Ti, typename ct>
+void sparse_dk(IndexerLossParams p, const Inputs& in, int64_t sort_entries) {
+  const int64_t chunk = std::clamp<int64_t>(std::max<int64_t>(sort_entries, 1) / in.K, 1, in.T);
+  const int64_t n_max = chunk * in.K;
+  std::vector<uint32_t> keys(n_max), keys_sorted(n_max);
+  std::vector<int32_t> slots(n_max), slots_sorted(n_max), order(n_max);
+  const size_t smem = loss_dk_sparse_smem<ct>(p);
+  p.sorted_keys = keys_sorted.data();
+  p.sorted_slots = slots_sorted.data();
+  for (int64_t c0 = 0; c0 < in.T; c0 += chunk) {
+    p.t0 = c0;
+    p.n = (std::min(in.T, c0 + chunk) - c0) * in.K;
+    const unsigned blocks = unsigned(std::min<int64_t>((p.n + 255) / 256, 4096));
+    glm5_sim::launch(dim3(blocks), dim3(256), 0,
+                     [&] { indexer_loss_slot_keys_kernel(p, keys.data(), slots.data()); });
+    std::iota(order.begin(), order.begin() + p.n, 0);
+    std::stable_sort(order.begin(), order.begin() + p.n, [&](int32_t a, int32_t b) { return keys[a] < keys[b]; });
+    for (int64_t i = 0; i < p.n; ++i) {
+      keys_sorted[i] = keys[order[i]];
+      slots_sorted[i] = slots[order[i]];
+    }
+    glm5_sim::launch(dim3(unsigned(in.S)), dim3(kLossReduceThreads), smem,
+                     [&] { indexer_loss_bwd_dk_sparse_kernel<Ti, ct>(p); });
+  }
+}
+
+// dq_idx, dk_idx, dw (the indexer's dtype, as the op returns them) and the tilings (query bs, hb; dk bs, hb).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bwd(
+    const at::Tensor& grad, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q,
+    const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
+    const std::optional<at::Tensor>& indices, int64_t smem_limit, int64_t sort_entries) {
+  const Inputs in = prepare(q_idx, k_idx, w, q, kv, lse, ks, ke, indices);
+  const auto acc = acc_type(q_idx);
+  const auto opts = q_idx.options().dtype(acc);
+  at::Tensor dq = at::zeros(q_idx.sizes(), opts);
+  at::Tensor dk = at::zeros(k_idx.sizes(), opts);
+  at::Tensor dw = at::zeros(w.sizes(), opts);
+  std::vector<int64_t> tiling;
+  if (!nothing_to_do(in)) {
+    const bool sparse = in.indices.defined();
+    const at::Tensor g = grad.to(acc).contiguous();
+    at::Tensor stats = at::empty({in.T, 4}, opts);
+    at::Tensor dI = sparse ? at::zeros({in.T, in.K}, opts) : at::Tensor();
+    IndexerLossParams p = make_params(in, sm_scale);
+    p.grad = g.data_ptr();
+    p.dq = dq.data_ptr();
+    p.dw = dw.data_ptr();
+    p.dk = dk.data_ptr();
+    p.stats = stats.data_ptr();
+    p.dI = sparse ? dI.data_ptr() : nullptr;
+    dispatch_types(q_idx.scalar_type(), in.main_same, [&](auto ti, auto tm, auto tc) {
+      using Ti = decltype(ti);
+      using Tm = decltype(tm);
+      using ct = decltype(tc);
+      size_t smem = pick(p, size_t(smem_limit), loss_bwd_query_smem<ct>);
+      tiling = {p.bs, p.hb};
+      glm5_sim::launch(dim3(unsigned(in.T)), dim3(kLossThreads), smem,
+                       [&] { indexer_loss_bwd_query_kernel<Ti, Tm, ct>(p); });
+      if (sparse) {
+        sparse_dk<Ti, ct>(p, in, sort_entries);
+      } else {
+        smem = pick(p, size_t(smem_limit), loss_dk_dense_smem<ct>);
+        tiling.push_back(p.bs);
+        tiling.push_back(p.hb);
+        glm5_sim::launch(dim3(unsigned((in.S + p.bs - 1) / p.bs)), dim3(kLossThreads), smem,
+                         [&] { indexer_loss_bwd_dk_dense_kernel<Ti, Tm, ct>(p); });
+      }
+    });
+  }
+  return {dq.to(q_idx.scalar_type()), dk.to(k_idx.scalar_type()), dw.to(w.scalar_type()), tiling};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &fwd);
+  m.def("bwd", &bwd);
+}

@@ -1,0 +1,172 @@
+"""The indexer KL loss CUDA kernels (csrc/cuda/indexer_loss/kernels.cuh) on the CPU simulator.
+
+The launches mirror api.cu (input conversions, tiling search against an H100/H200's 232448-byte
+shared-memory limit, grids, the sparse backward's sort chunking; the radix sort of the slots by key is a
+std::stable_sort). Cases and tolerances are tests/ops/test_cuda_indexer_loss.py's: the CPU tests' case
+lists against the fp64 reference with floor_cuda; sizes stay small (every simulated CUDA thread is an OS
+thread), GLM-5's head widths run with two queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from numerics import assert_close_to_ref
+from test_cuda_indexer_loss import floor_cuda, longest_sum
+from test_indexer_loss import (
+    BAD,
+    DENSE,
+    LOSS_BWD,
+    LOSS_FWD,
+    SPARSE,
+    Case,
+    Inputs,
+    dense_lse,
+    empty_rows,
+    grads_of_sum,
+    make_inputs,
+    reference_per_query,
+)
+
+H100_SMEM = 232448
+SMALL_SMEM = 2000  # forces 8-key tiles and q's heads in chunks of 8 (or 4) for SHRUNK
+SHRUNK = Case(T=6, S=50, HI=3, DI=8, H=20, D=12, docs=2)
+SHRUNK_SPARSE = Case(T=6, S=50, HI=3, DI=8, H=20, D=12, K=12, docs=2, pad=0.2, dup=True)
+GLM5_DENSE = Case(T=2, S=40, HI=32, DI=128, H=64, D=576)
+GLM5_SPARSE = Case(T=2, S=60, HI=32, DI=128, H=64, D=576, K=24, outside=0.1, pad=0.1, dup=True)
+CASES = [DENSE[0], DENSE[1], DENSE[3], DENSE[5], SPARSE[0], SPARSE[2], SPARSE[3], SPARSE[4], GLM5_DENSE, GLM5_SPARSE]
+
+
+@pytest.fixture(scope="module")
+def sim():
+    spec = importlib.util.spec_from_file_location("glm5_cuda_sim_conftest", Path(__file__).with_name("conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest.load_sim("glm5_cuda_sim_indexer_loss", "sim_indexer_loss.cpp")
+
+
+def sim_fwd(sim, x: Inputs, smem: int = H100_SMEM) -> torch.Tensor:
+    return sim.fwd(*x.args(), smem)[0]
+
+
+def sim_bwd(sim, g: torch.Tensor, x: Inputs, smem: int = H100_SMEM, sort_entries: int = 1 << 24) -> tuple:
+    return tuple(sim.bwd(g, *x.args(), smem, sort_entries)[:3])
+
+
+def compare(sim, case: Case, dtype: torch.dtype, main_dtype: torch.dtype | None = None, smem: int = H100_SMEM):
+    x = make_inputs(case, dtype, main_dtype)
+    wide = x.to(torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    n = longest_sum(case)
+    out = sim_fwd(sim, x, smem)
+    assert out.dtype == acc and out.shape == (case.T,)
+    truth = reference_per_query(wide)
+    lowp = reference_per_query(x) if dtype != torch.float64 else None
+    assert_close_to_ref(out, truth, lowp, floor=floor_cuda(truth, acc, n), name="per-query KL")
+    empty = empty_rows(x)
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    g = torch.rand(case.T, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 0.5
+    grads = sim_bwd(sim, g, x, smem)
+    truth_grads = grads_of_sum(wide, "reference", g)
+    lowp_grads = grads_of_sum(x, "reference", g.to(acc)) if dtype != torch.float64 else (None,) * 3
+    for name, a, t, lp in zip(("dq_idx", "dk_idx", "dw"), grads, truth_grads, lowp_grads):
+        assert a.dtype == dtype and a.shape == t.shape, name
+        assert_close_to_ref(a, t, lp, floor=floor_cuda(t, dtype, n), name=name)
+    assert not grads[0][empty].any() and not grads[2][empty].any()
+    return x, out, grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_sim_fp32(sim, case):
+    compare(sim, case, torch.float32)
+
+
+@pytest.mark.parametrize("case", [DENSE[3], SPARSE[3], GLM5_SPARSE], ids=str)
+def test_sim_bf16(sim, case):
+    compare(sim, case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", [DENSE[1], SPARSE[3], GLM5_DENSE], ids=str)
+def test_sim_fp64(sim, case):
+    compare(sim, case, torch.float64)
+
+
+@pytest.mark.parametrize("case", [DENSE[1], SPARSE[0]], ids=str)
+def test_sim_main_dtype_differs(sim, case):
+    compare(sim, case, torch.float32, torch.bfloat16)
+    compare(sim, case, torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("case", [SHRUNK, SHRUNK_SPARSE], ids=str)
+def test_sim_small_tiles_and_head_chunks(sim, case):
+    # A small shared-memory limit: 8-key tiles, q's heads in several chunks. The per-key values do not
+    # depend on the tiling, the per-query sums over tiles do (by rounding only): close to the default tiling.
+    x = make_inputs(case)
+    _, tiling = sim.fwd(*x.args(), SMALL_SMEM)
+    assert tiling[0] == 8 and tiling[1] < case.H, tiling
+    _, _, _, bwd_tiling = sim.bwd(torch.ones(case.T), *x.args(), SMALL_SMEM, 1 << 24)
+    assert bwd_tiling[0] == 8 and bwd_tiling[1] < case.H, bwd_tiling
+    compare(sim, case, torch.float32, smem=SMALL_SMEM)
+    g = torch.rand(case.T) + 0.5
+    small = (sim_fwd(sim, x, SMALL_SMEM),) + sim_bwd(sim, g, x, SMALL_SMEM)
+    large = (sim_fwd(sim, x),) + sim_bwd(sim, g, x)
+    for name, a, b in zip(("loss", "dq_idx", "dk_idx", "dw"), small, large):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())), msg=name)
+
+
+def test_sim_sort_chunking_is_bitwise_neutral(sim):
+    case = SPARSE[3]
+    x = make_inputs(case)
+    g = torch.rand(case.T) + 0.5
+    one = sim_bwd(sim, g, x, sort_entries=1)  # one query per sort chunk
+    three = sim_bwd(sim, g, x, sort_entries=3 * case.K)
+    whole = sim_bwd(sim, g, x)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(one, three, whole))
+
+
+@pytest.mark.parametrize("case", [DENSE[3], SPARSE[3]], ids=str)
+def test_sim_matches_cpu_kernel(sim, case):
+    x = make_inputs(case)
+    g = torch.rand(case.T, generator=torch.Generator().manual_seed(3)) + 0.5
+    want = (LOSS_FWD(*x.args()),) + tuple(LOSS_BWD(g, *x.args()))
+    got = (sim_fwd(sim, x),) + sim_bwd(sim, g, x)
+    for name, a, b in zip(("loss", "dq_idx", "dk_idx", "dw"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())), msg=name)
+
+
+@pytest.mark.parametrize(
+    "case", [Case(T=3, S=0), Case(T=3, S=0, K=2), Case(T=6, S=6, HI=0), Case(T=6, S=9, K=3, HI=0),
+             Case(T=6, S=6, H=0), Case(T=6, S=9, K=0)], ids=str
+)
+def test_sim_degenerate(sim, case):
+    x = make_inputs(case)
+    if case.K == 0:
+        x = dataclasses.replace(x, lse=dense_lse(x.q, x.kv, x.ks, x.ke, x.sm_scale).float())
+    g = torch.ones(case.T)
+    want = (LOSS_FWD(*x.args()),) + tuple(LOSS_BWD(g, *x.args()))
+    got = (sim_fwd(sim, x),) + sim_bwd(sim, g, x)
+    for name, a, b in zip(("loss", "dq_idx", "dk_idx", "dw"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert_close_to_ref(a, b, floor=floor_cuda(b, b.dtype, longest_sum(case)), name=name)
+
+
+@pytest.mark.parametrize("name", ["ks negative", "ke past S", "ke before ks", "index too big", "index below -1"])
+def test_sim_values_are_clamped(sim, name):
+    # ks/ke clamped to [0, S], slots outside the clamped range dropped: the same bits as the fixed inputs.
+    x = make_inputs(SPARSE[0])
+    bad = BAD[name][0](x)
+    S = x.k_idx.shape[0]
+    lo = bad.ks.clamp(0, S)
+    hi = torch.maximum(lo, bad.ke.clamp(max=S))
+    idx = bad.indices.masked_fill((bad.indices < lo[:, None]) | (bad.indices >= hi[:, None]), -1)
+    fixed = dataclasses.replace(bad, ks=lo, ke=hi, indices=idx)
+    g = torch.rand(SPARSE[0].T) + 0.5
+    for b, f in ((bad, fixed), (dataclasses.replace(bad, indices=None), dataclasses.replace(fixed, indices=None))):
+        got = (sim_fwd(sim, b),) + sim_bwd(sim, g, b)
+        want = (sim_fwd(sim, f),) + sim_bwd(sim, g, f)
+        assert all(torch.equal(u, v) for u, v in zip(got, want)), name
