@@ -3,7 +3,8 @@
 // difference: index VALUES are not range-checked on the host (that would sync the stream); a
 // slot outside [-1, S) is treated like -1 (skipped), and never read out of bounds.
 // bf16/fp16 forwards with D % 16 == 0 and d_v % 32 == 0 run on tensor cores (fwd_tc.cu); the rest,
-// and every dtype when GLM5_SPARSE_MLA_SIMT=1, on the CUDA-core kernels of kernels.cuh.
+// and every dtype when GLM5_SPARSE_MLA_SIMT=1, on the CUDA-core kernels of kernels.cuh. Likewise the
+// backward's per-query kernel for D % 16 == 0 and d_v % 16 == 0 (bwd_tc.cu); its sort and reduction are shared.
 // Status: compiled for sm_90a, not yet verified on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +19,7 @@
 
 #include "glm5/checks.h"
 #include "glm5/sparse_mla_checks.h"
+#include "bwd_tc.h"
 #include "fwd_tc.h"
 #include "kernels.cuh"
 
@@ -177,8 +179,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_contiguous(const at::Tensor& g
     for (int64_t c0 = 0; c0 < dm.T; c0 += chunk) {
       const int64_t c1 = std::min(dm.T, c0 + chunk), n = (c1 - c0) * dm.K;
       p.t0 = c0, p.t1 = c1;
-      kernel<<<unsigned(c1 - c0), kSparseMlaThreads, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!sparse_mla_bwd_tc(p, q.scalar_type(), stream)) {  // tensor cores when supported (bwd_tc.h)
+        kernel<<<unsigned(c1 - c0), kSparseMlaThreads, smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       auto* kin = reinterpret_cast<uint32_t*>(keys_in.data_ptr<int32_t>());
       auto* kout = reinterpret_cast<uint32_t*>(keys_out.data_ptr<int32_t>());
       const int blocks = int(std::min<int64_t>((n + 255) / 256, 4096));
