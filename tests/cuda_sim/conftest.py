@@ -1,4 +1,4 @@
-"""Builds tests/cuda_sim/sim_kernels.cpp (glm5's CUDA kernels on the CPU simulator) once per session.
+"""Builds the simulator extensions of tests/cuda_sim (glm5's CUDA kernels on the CPU) once per session.
 
 Needs the CUDA toolkit's headers (cuda_bf16.h and friends, found from CUDA_HOME or nvcc on PATH),
 not a GPU; the tests skip without them.
@@ -31,21 +31,33 @@ def cuda_include() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def sim():
+def load_sim(name: str, source: str):
+    """Builds (or reuses) the simulator extension `name` from tests/cuda_sim/<source>."""
     inc = cuda_include()
     if inc is None:
         pytest.skip("CUDA toolkit headers not found (CUDA_HOME or nvcc): the CUDA simulator needs cuda_bf16.h")
     from torch.utils import cpp_extension
 
-    build = ROOT / "build" / "cuda_sim"
+    build = ROOT / "build" / "cuda_sim" / name  # one folder per extension: each gets its own build.ninja
     build.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name="glm5_cuda_sim",
-        sources=[str(HERE / "sim_kernels.cpp")],
+        name=name,
+        sources=[str(HERE / source)],
         extra_include_paths=[str(inc)],
         extra_cflags=["-std=c++20", "-O1", "-Wno-attributes", "-pthread"],
         extra_ldflags=["-pthread"],
         build_directory=str(build),
         verbose=False,
     )
+
+
+@pytest.fixture(scope="session")
+def sim():
+    """The tensor-core sparse MLA forward (sim_kernels.cpp)."""
+    return load_sim("glm5_cuda_sim", "sim_kernels.cpp")
+
+
+@pytest.fixture(scope="session")
+def sim_simt():
+    """The CUDA-core sparse MLA forward, backward, key sort and reduction (sim_simt_sparse_mla.cpp)."""
+    return load_sim("glm5_cuda_sim_simt", "sim_simt_sparse_mla.cpp")

@@ -3,20 +3,28 @@
 //
 // Every CUDA thread of a CTA is a std::thread; CTAs run one after another. __syncthreads is a
 // barrier over the CTA, and the warp-collective operations (shuffles, ldmatrix, mma.sync) exchange
-// their operands through per-warp slots between two warp barriers, then compute each lane's result
+// their operands through per-warp slots behind a warp barrier, then compute each lane's result
 // exactly as the PTX ISA defines it (the layouts are restated in csrc/cuda/common/mma.cuh). cp.async
 // copies are queued per thread and land only at cp.async.wait_group, so a kernel that reads a tile
 // before waiting for it reads stale data here too. mma accumulates in fp32 in increasing k order
 // (the hardware's order within one mma is unspecified: results match to fp32 rounding, not bitwise).
 //
-// Include this before any glm5 kernel header. Not supported: static __shared__ variables, atomics,
-// warp-divergent collectives (every lane of a warp must reach each collective, as on sm_70+ anyway).
+// Include this before any glm5 kernel header. Dynamic shared memory is glm5::cuda::dynamic_smem()
+// (device_utils.cuh), never `extern __shared__`; a `__shared__` variable in a kernel body becomes a
+// function-local static, which all threads of the CTA share (CTAs run one at a time, and each kernel
+// instantiation has its own). Not supported: atomics, threads that exit before a __syncthreads the
+// others still reach, warp-divergent collectives (every lane of a warp must reach each collective).
 #pragma once
 #define GLM5_CUDA_SIM 1
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <vector_types.h>
+
+// After the CUDA headers (their include guards keep this definition): see above.
+#undef __shared__
+#define __shared__ static
 
 #include <array>
 #include <atomic>
@@ -39,7 +47,7 @@ struct Slot {
 
 struct Warp {
   std::barrier<> bar{32};
-  std::array<Slot, 32> slot{};
+  std::array<Slot, 32> slot[2]{};  // collectives alternate between the two (see warp_exchange)
 };
 
 struct Cta {
@@ -68,47 +76,57 @@ struct ThreadCtx {
   Cta* cta = nullptr;
   std::vector<Copy> open;                 // cp.async copies not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, in flight (oldest first)
+  unsigned collectives = 0;               // warp collectives this thread has reached in the CTA
 };
 inline thread_local ThreadCtx tctx;
 
 inline int lane() { return int(tctx.thread.x) & 31; }
 inline Warp& warp() { return *tctx.cta->warps[tctx.thread.x / 32]; }
 
-// Runs kernel() for every thread of every CTA of the grid (blocks in x, then y, then z order).
+// Runs kernel() for every thread of every CTA of the grid (blocks in x, then y, then z order). One
+// std::thread per CUDA thread of a CTA, created once per launch and reused by the CTAs in turn (thread
+// creation dominated small kernels). Each CTA starts with its shared memory filled with 0xff bytes
+// (NaN as a float, -1 as an int), so a kernel that reads shared memory it never wrote sees garbage,
+// as on a GPU, rather than the previous CTA's tile or zeros.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel) {
   const int nthreads = int(block.x * block.y * block.z);
-  if (block.y != 1 || block.z != 1 || nthreads % 32 != 0)
+  if (block.y != 1 || block.z != 1 || nthreads % 32 != 0 || nthreads == 0)
     throw std::invalid_argument("cuda_sim: 1-D blocks of whole warps only");
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Cta cta(nthreads, smem_bytes);
-        std::vector<std::thread> threads;
-        threads.reserve(nthreads);
-        for (int i = 0; i < nthreads; ++i)
-          threads.emplace_back([&, i] {
-            tctx = ThreadCtx{};
-            tctx.thread = uint3{unsigned(i), 0, 0};
-            tctx.block = uint3{bx, by, bz};
-            tctx.block_dim = block;
-            tctx.grid_dim = grid;
-            tctx.cta = &cta;
-            kernel();
-            if (!tctx.open.empty() || !tctx.groups.empty()) std::abort();  // copies never waited for
-          });
-        for (auto& t : threads) t.join();
+  const uint64_t nctas = uint64_t(grid.x) * grid.y * grid.z;
+  if (nctas == 0) return;
+  Cta cta(nthreads, smem_bytes);
+  std::vector<std::thread> threads;
+  threads.reserve(nthreads);
+  for (int i = 0; i < nthreads; ++i)
+    threads.emplace_back([&, i] {
+      for (uint64_t b = 0; b < nctas; ++b) {
+        if (i == 0) std::memset(cta.smem.data(), 0xff, cta.smem.size());
+        cta.bar.arrive_and_wait();  // the CTA's shared memory is ready
+        tctx = ThreadCtx{};
+        tctx.thread = uint3{unsigned(i), 0, 0};
+        tctx.block = uint3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)};
+        tctx.block_dim = block;
+        tctx.grid_dim = grid;
+        tctx.cta = &cta;
+        kernel();
+        if (!tctx.open.empty() || !tctx.groups.empty()) std::abort();  // copies never waited for
+        cta.bar.arrive_and_wait();  // every thread has left this CTA
       }
+    });
+  for (auto& t : threads) t.join();
 }
 
-// One warp-collective step: publish this lane's slot, wait, compute from all slots, wait.
+// One warp-collective step: publish this lane's slot, wait, compute from all slots. Consecutive
+// collectives use alternate slot sets, so one barrier suffices: a lane can publish into a set again
+// only after the next collective's barrier, which every lane reaches after reading that set.
 template <typename Post, typename Read>
 inline void warp_exchange(Post&& post, Read&& read) {
   Warp& w = warp();
-  post(w.slot[lane()]);
+  auto& slots = w.slot[tctx.collectives++ & 1];
+  post(slots[lane()]);
   w.bar.arrive_and_wait();
-  read(w.slot);
-  w.bar.arrive_and_wait();
+  read(slots);
 }
 
 template <typename T>

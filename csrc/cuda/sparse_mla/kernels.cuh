@@ -37,7 +37,7 @@ __host__ __device__ inline size_t sparse_mla_fwd_smem(int hb, int bk, int ld, in
 
 template <typename T, typename ct>
 __global__ void __launch_bounds__(kSparseMlaThreads) sparse_mla_fwd_kernel(const SparseMlaFwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
   const int64_t t = blockIdx.x;
@@ -150,7 +150,7 @@ __host__ __device__ inline size_t sparse_mla_bwd_smem(int H, int hb, int bk, int
 
 template <typename T, typename ct>
 __global__ void __launch_bounds__(kSparseMlaThreads) sparse_mla_bwd_kernel(const SparseMlaBwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
   const int64_t t = p.t0 + blockIdx.x;
