@@ -72,7 +72,7 @@ __host__ __device__ inline size_t indexer_logits_smem(int HI, int DI, int bs, in
 // grid (T, ceil(S / bs)), bs threads: one key per thread.
 template <typename T, typename ct>
 __global__ void indexer_logits_kernel(const IndexerParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   ct* qs = reinterpret_cast<ct*>(smem_raw);  // [HI][DI]
   ct* ws = qs + p.HI * p.DI;                  // [HI]
   ct* kt = ws + p.HI;                         // [bs][ldk]
@@ -103,7 +103,7 @@ __host__ __device__ inline size_t indexer_bwd_q_smem(int HI, int DI, int bs, int
 //   P[j, s] = grad[t, s] w[j] [q_j . k_s > 0]: dq[j] += sum_s P[j, s] k_s; dw[j] += sum_s grad relu(q_j . k_s)
 template <typename T, typename ct>
 __global__ void __launch_bounds__(kIndexerThreads) indexer_bwd_q_kernel(const IndexerParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const int HI = p.HI, DI = p.DI, bs = p.bs, ldk = p.ldk;
   ct* qs = reinterpret_cast<ct*>(smem_raw);  // [HI][DI]
   ct* ws = qs + HI * DI;                      // [HI]
@@ -171,7 +171,7 @@ __host__ __device__ inline size_t indexer_bwd_k_smem(int HI, int DI, int bs, int
 //   dk[s] += sum_j P[j, s] q_j with P[j, s] = grad[t, s] w[t, j] [q_j . k_s > 0] (visible s only)
 template <typename T, typename ct>
 __global__ void __launch_bounds__(kIndexerThreads) indexer_bwd_k_kernel(const IndexerParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const int HI = p.HI, DI = p.DI, bs = p.bs, ldk = p.ldk;
   ct* qs = reinterpret_cast<ct*>(smem_raw);  // [HI][DI]
   ct* ws = qs + HI * DI;                      // [HI]
@@ -233,7 +233,7 @@ __host__ __device__ inline size_t indexer_topk_smem(int HI, int DI, int bs, int 
 // One CTA per query; bs <= kIndexerThreads keys per tile, p.cap a power of two >= bs.
 template <typename T, typename ct>
 __global__ void __launch_bounds__(kIndexerThreads) indexer_topk_kernel(const IndexerParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const int HI = p.HI, DI = p.DI, bs = p.bs, ldk = p.ldk;
   ct* qs = reinterpret_cast<ct*>(smem_raw);  // [HI][DI]
   ct* ws = qs + HI * DI;                      // [HI]

@@ -77,7 +77,7 @@ __host__ __device__ inline TcLogitsSmem tc_logits_smem(int HI, int DI) {
 // grid (ceil(T / p.qb), ceil(S / kTcTileKeys)), kTcThreads threads.
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads) indexer_logits_tc_kernel(const IndexerParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const TcLogitsSmem L = tc_logits_smem(p.HI, p.DI);
   T* qs = reinterpret_cast<T*>(smem_raw + L.qs);
   T* ks = reinterpret_cast<T*>(smem_raw + L.ks);
@@ -140,7 +140,7 @@ __host__ __device__ inline TcTopkSmem tc_topk_smem(int QB, int HI, int DI, int t
 // grid ceil(T / QB), kTcThreads threads; p.cap: candidate buffer, a power of two >= kTcTileKeys.
 template <typename T, int QB>
 __global__ void __launch_bounds__(kTcThreads) indexer_topk_tc_kernel(const IndexerParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const TcTopkSmem L = tc_topk_smem(QB, p.HI, p.DI, p.topk, p.cap);
   T* qs = reinterpret_cast<T*>(smem_raw + L.qs);
   T* ks = reinterpret_cast<T*>(smem_raw + L.ks);
