@@ -135,6 +135,14 @@ def test_sim_bwd_tc(sim, case, dtype):
     contract(case, dtype, x, g, dq, rows)
 
 
+@pytest.mark.slow
+def test_sim_bwd_tc_glm5(sim):
+    # GLM-5's full shape, K = 2048 (64 key blocks through the double buffer): about a minute here.
+    case = Case(T=2, S=4096, K=2048, H=64, D=576, dv=512)
+    x, g, dq, rows = check(sim, case, torch.bfloat16)
+    contract(case, torch.bfloat16, x, g, dq, rows)
+
+
 def test_sim_bwd_tc_sparse_blocks(sim):
     # Blocks of 32 slots with all -1 (the kernel skips them) or one valid slot only, at either end.
     case = Case(T=2, S=300, K=90, H=8, D=32, dv=32)
