@@ -86,14 +86,14 @@ std::tuple<at::Tensor, at::Tensor> topk_tc(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& ks, const at::Tensor& ke, int64_t topk, int64_t qb,
                                            int64_t cap) {
   TORCH_CHECK(qb == 1 || qb == 2 || qb == 4, "qb: 1, 2 or 4");
-  TORCH_CHECK(cap >= kTcTileKeys && (cap & (cap - 1)) == 0, "cap: a power of two >= the tile");
+  TORCH_CHECK(cap >= kTcTileKeys && cap <= kSortN, "cap: in [tile, kSortN]");
   IndexerParams p = make_params(q, k, w, ks, ke);
   at::Tensor idx = at::full({p.T, topk}, -7, q.options().dtype(at::kInt));  // every slot must be written
   at::Tensor val = at::full({p.T, topk}, 7.0, q.options().dtype(at::kFloat));
   p.topk = int(topk), p.cap = int(cap);
   p.out_idx = idx.data_ptr<int32_t>();
   p.out_val = val.data_ptr();
-  const size_t smem = tc_topk_smem(int(qb), p.HI, p.DI, p.topk, p.cap).total;
+  const size_t smem = tc_topk_smem(int(qb), p.HI, p.DI, p.topk).total;
   const dim3 grid(unsigned((p.T + qb - 1) / qb));
   dispatch_tc(q, [&](auto tag) {
     using T = decltype(tag);
@@ -126,7 +126,7 @@ at::Tensor logits_simt(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> topk_simt(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                                              const at::Tensor& ks, const at::Tensor& ke, int64_t topk, int64_t bs,
                                              int64_t cap) {
-  TORCH_CHECK(bs >= 1 && bs <= kIndexerThreads && cap >= kIndexerThreads && (cap & (cap - 1)) == 0, "bs / cap");
+  TORCH_CHECK(bs >= 1 && bs <= kIndexerThreads && cap >= kIndexerThreads && cap <= kSortN, "bs / cap");
   IndexerParams p = make_params(q, k, w, ks, ke);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor idx = at::full({p.T, topk}, -7, q.options().dtype(at::kInt));
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> topk_simt(const at::Tensor& q, const at::Tens
     using T = decltype(t_tag);
     using ct = decltype(c_tag);
     glm5_sim::launch(dim3(unsigned(p.T)), dim3(kIndexerThreads),
-                     indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk, p.cap),
+                     indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk),
                      [&] { indexer_topk_kernel<T, ct>(p); });
   });
   return {idx, val};

@@ -146,7 +146,7 @@ def test_tc_deterministic_and_shape_independent(case, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, run_all(x, case.topk)))
     for env in (
         {"GLM5_INDEXER_TOPK_QB": "1", "GLM5_INDEXER_TOPK_CAP": "256", "GLM5_INDEXER_LOGITS_QB": "1"},
-        {"GLM5_INDEXER_TOPK_QB": "2", "GLM5_INDEXER_TOPK_CAP": "512", "GLM5_INDEXER_LOGITS_QB": "7"},
+        {"GLM5_INDEXER_TOPK_QB": "2", "GLM5_INDEXER_TOPK_CAP": "300", "GLM5_INDEXER_LOGITS_QB": "7"},
         {"GLM5_INDEXER_TOPK_QB": "4", "GLM5_INDEXER_TOPK_CAP": "1024", "GLM5_INDEXER_LOGITS_QB": "64"},
         {"GLM5_INDEXER_TOPK_QB": "4", "GLM5_INDEXER_TOPK_CAP": "256"},
     ):
@@ -216,7 +216,7 @@ def test_tc_fallbacks_match_simt(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(auto, forced)), str(case)
 
 
-@pytest.mark.parametrize("name, value", [("GLM5_INDEXER_TOPK_QB", "3"), ("GLM5_INDEXER_TOPK_CAP", "300"),
+@pytest.mark.parametrize("name, value", [("GLM5_INDEXER_TOPK_QB", "3"), ("GLM5_INDEXER_TOPK_CAP", "2048"),
                                          ("GLM5_INDEXER_LOGITS_QB", "x")])
 def test_tc_bad_knob(name, value, monkeypatch):
     x = cuda(li.make_inputs(TC_CASES[0], torch.bfloat16))

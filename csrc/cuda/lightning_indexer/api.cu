@@ -176,14 +176,10 @@ std::tuple<at::Tensor, at::Tensor> indexer_topk_cuda(const at::Tensor& q_, const
   dispatch_float(q.scalar_type(), "indexer_topk", [&](auto t_tag, auto c_tag) {
     using T_ = decltype(t_tag);
     using ct = decltype(c_tag);
-    // The largest key tile that fits with a 256-entry candidate buffer, then the largest buffer (<= 1024).
-    constexpr int kMinCap = kIndexerThreads;
     p.bs = pick_tile(kIndexerThreads, 2, limit,
-                     [&](int bs) { return indexer_topk_smem<ct>(p.HI, p.DI, bs, p.ldk, p.topk, kMinCap); },
-                     "indexer_topk");
-    p.cap = 1024;
-    while (p.cap > kMinCap && indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk, p.cap) > limit) p.cap /= 2;
-    const size_t smem = indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk, p.cap);
+                     [&](int bs) { return indexer_topk_smem<ct>(p.HI, p.DI, bs, p.ldk, p.topk); }, "indexer_topk");
+    p.cap = kSortN;
+    const size_t smem = indexer_topk_smem<ct>(p.HI, p.DI, p.bs, p.ldk, p.topk);
     auto kernel = indexer_topk_kernel<T_, ct>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<unsigned(T), kIndexerThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);

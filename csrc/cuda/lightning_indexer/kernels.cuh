@@ -226,11 +226,13 @@ __host__ __device__ inline size_t indexer_topk_sel_offset(int HI, int DI, int bs
   return (sizeof(ct) * (size_t(HI) * DI + HI + size_t(bs) * ldk + size_t(bs)) + 15) / 16 * 16;
 }
 template <typename ct>
-__host__ __device__ inline size_t indexer_topk_smem(int HI, int DI, int bs, int ldk, int topk, int cap) {
-  return indexer_topk_sel_offset<ct>(HI, DI, bs, ldk) + topk_select_smem<ct>(1, topk, cap, kIndexerThreads / 32);
+__host__ __device__ inline size_t indexer_topk_smem(int HI, int DI, int bs, int ldk, int topk) {
+  return indexer_topk_sel_offset<ct>(HI, DI, bs, ldk) + topk_select_smem<ct>(1, topk);
 }
 
-// One CTA per query; bs <= kIndexerThreads keys per tile, p.cap a power of two >= bs.
+static_assert(kIndexerThreads == kSelThreads, "indexer_topk_kernel runs TopkSelect's block size");
+
+// One CTA per query; bs <= kIndexerThreads keys per tile, p.cap in [kIndexerThreads, kSortN].
 template <typename T, typename ct>
 __global__ void __launch_bounds__(kIndexerThreads) indexer_topk_kernel(const IndexerParams p) {
   unsigned char* smem_raw = dynamic_smem();

@@ -24,7 +24,7 @@ struct IndexerParams {
   void* dw;          // [T, HI] compute dtype
   // indexer_topk
   int topk;
-  int cap;  // candidate buffer entries per query (a power of two >= the key tile)
+  int cap;  // top-k candidates gathered per query before a sorted merge (>= the key tile, <= kSortN)
   int32_t* out_idx;  // [T, topk]
   void* out_val;     // [T, topk] compute dtype
 };

@@ -2,8 +2,8 @@
 // Knobs (results never depend on them; tests use them to cover every path):
 //   GLM5_INDEXER_SIMT=1          the SIMT kernels for every dtype and shape
 //   GLM5_INDEXER_TOPK_QB=1|2|4   queries per top-k CTA (default: the most that still fills the GPU)
-//   GLM5_INDEXER_TOPK_CAP=N      top-k candidate buffer per query, a power of two in [256, 4096]
-//                                (default: the largest of 1024, 512, 256 that fits)
+//   GLM5_INDEXER_TOPK_CAP=N      top-k candidates gathered per query before a sorted merge, in
+//                                [256, 1024] (default 1024)
 //   GLM5_INDEXER_LOGITS_QB=N     queries per logits CTA, 1..1024 (default: up to 32)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -125,20 +125,19 @@ bool indexer_topk_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int want_cap = env_int("GLM5_INDEXER_TOPK_CAP");
   TORCH_CHECK(want_qb == 0 || want_qb == 1 || want_qb == 2 || want_qb == 4,
               "GLM5_INDEXER_TOPK_QB must be 1, 2 or 4, got ", want_qb);
-  TORCH_CHECK(want_cap == 0 || (want_cap >= kTcTileKeys && want_cap <= 4096 && (want_cap & (want_cap - 1)) == 0),
-              "GLM5_INDEXER_TOPK_CAP must be a power of two in [", kTcTileKeys, ", 4096], got ", want_cap);
-  // Queries per CTA: the most (of 4, 2, 1) that still gives every SM a CTA; then the largest candidate
-  // buffer that fits, with fewer queries per CTA when none does.
+  TORCH_CHECK(want_cap == 0 || (want_cap >= kTcTileKeys && want_cap <= kSortN),
+              "GLM5_INDEXER_TOPK_CAP must be in [", kTcTileKeys, ", ", kSortN, "], got ", want_cap);
+  p.cap = want_cap ? want_cap : kSortN;
+  // Queries per CTA: the most (of 4, 2, 1) that still gives every SM a CTA, fewer when the shared
+  // memory does not fit.
   int qb = want_qb;
   if (qb == 0) {
     const int64_t sms = num_sms(q);
     qb = (p.T + 3) / 4 >= sms ? 4 : (p.T + 1) / 2 >= sms ? 2 : 1;
   }
   for (; qb >= 1; qb /= 2) {
-    for (int cap = want_cap ? want_cap : 1024; cap >= (want_cap ? want_cap : kTcTileKeys); cap /= 2) {
-      const size_t smem = tc_topk_smem(qb, p.HI, p.DI, p.topk, cap).total;
-      if (smem > limit) continue;
-      p.cap = cap;
+    const size_t smem = tc_topk_smem(qb, p.HI, p.DI, p.topk).total;
+    if (smem <= limit) {
       cudaStream_t stream = at::cuda::getCurrentCUDAStream();
       if (q.scalar_type() == at::kBFloat16) launch_topk_qb<__nv_bfloat16>(qb, p, smem, stream);
       else launch_topk_qb<__half>(qb, p, smem, stream);

@@ -125,7 +125,7 @@ struct TcTopkSmem {
 
 // Byte offsets: q[QB][HI][ld], key slices [kTcTileKeys][ld], w[QB][HI] fp32, tile scores
 // [QB][kTcTileKeys] fp32, then the selection state (topk_select.cuh), 16-byte aligned.
-__host__ __device__ inline TcTopkSmem tc_topk_smem(int QB, int HI, int DI, int topk, int cap) {
+__host__ __device__ inline TcTopkSmem tc_topk_smem(int QB, int HI, int DI, int topk) {
   const size_t row = size_t(tc_ld(DI)) * 2;
   TcTopkSmem L{};
   L.qs = 0;
@@ -133,15 +133,17 @@ __host__ __device__ inline TcTopkSmem tc_topk_smem(int QB, int HI, int DI, int t
   L.ws = L.ks + size_t(kTcTileKeys) * row;
   L.ts = L.ws + size_t(QB) * HI * sizeof(float);
   L.sel = (L.ts + size_t(QB) * kTcTileKeys * sizeof(float) + 15) / 16 * 16;
-  L.total = L.sel + topk_select_smem<float>(QB, topk, cap, kTcWarps);
+  L.total = L.sel + topk_select_smem<float>(QB, topk);
   return L;
 }
 
-// grid ceil(T / QB), kTcThreads threads; p.cap: candidate buffer, a power of two >= kTcTileKeys.
+static_assert(kTcThreads == kSelThreads && kTcTileKeys <= kSelThreads, "TopkSelect's block and tile sizes");
+
+// grid ceil(T / QB), kTcThreads threads; p.cap (C's flush threshold) in [kTcTileKeys, kSortN].
 template <typename T, int QB>
 __global__ void __launch_bounds__(kTcThreads) indexer_topk_tc_kernel(const IndexerParams p) {
   unsigned char* smem_raw = dynamic_smem();
-  const TcTopkSmem L = tc_topk_smem(QB, p.HI, p.DI, p.topk, p.cap);
+  const TcTopkSmem L = tc_topk_smem(QB, p.HI, p.DI, p.topk);
   T* qs = reinterpret_cast<T*>(smem_raw + L.qs);
   T* ks = reinterpret_cast<T*>(smem_raw + L.ks);
   float* ws = reinterpret_cast<float*>(smem_raw + L.ws);
