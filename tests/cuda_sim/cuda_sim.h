@@ -1,8 +1,8 @@
 // A small CPU simulator for glm5's CUDA kernels, so their index arithmetic, fragment layouts and
 // barriers are tested on machines without a GPU (the real hardware tests are tests/ops/test_cuda_*.py).
 //
-// Every CUDA thread of a CTA is a std::thread; CTAs run one after another. __syncthreads is a
-// barrier over the CTA, and the warp-collective operations (shuffles, ldmatrix, mma.sync) exchange
+// Every CUDA thread of a CTA is a fiber (ucontext) on the calling OS thread; CTAs run one after
+// another. __syncthreads is a barrier over the CTA, and the warp-collective operations (shuffles, ldmatrix, mma.sync) exchange
 // their operands through per-warp slots behind a warp barrier, then compute each lane's result
 // exactly as the PTX ISA defines it (the layouts are restated in csrc/cuda/common/mma.cuh). cp.async
 // copies are queued per thread and land only at cp.async.wait_group, so a kernel that reads a tile
@@ -27,16 +27,19 @@
 #define __shared__ static
 
 #include <array>
-#include <atomic>
-#include <barrier>
+#include <algorithm>
+#include <functional>
+#include <random>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
-#include <thread>
+#include <utility>
 #include <type_traits>
 #include <vector>
+
+#include <ucontext.h>
 
 namespace glm5_sim {
 
@@ -45,18 +48,33 @@ struct Slot {
   const void* ptr;
 };
 
+// Barrier over the fibers of one CTA (or one warp). The last arriver carries on; the others yield
+// to the scheduler, which resumes them once the generation has moved on.
+struct Barrier {
+  explicit Barrier(int n) : count(n) {}
+  void arrive_and_wait();
+  int count, arrived = 0;
+  uint64_t gen = 0;
+};
+
+// A warp's mma operands, decoded once from the 32 lanes' fragments (id: the collective's number).
+struct MmaOperands {
+  unsigned id = ~0u;
+  float A[16][16], B[16][8];
+};
+
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
+  MmaOperands mma[2];
   std::array<Slot, 32> slot[2]{};  // collectives alternate between the two (see warp_exchange)
 };
 
 struct Cta {
-  explicit Cta(int nthreads, size_t smem_bytes)
-      : bar(nthreads), warps(nthreads / 32), smem(smem_bytes + 128) {
-    for (auto& w : warps) w = std::make_unique<Warp>();
+  explicit Cta(int nthreads, size_t smem_bytes) : bar(nthreads), smem(smem_bytes + 128) {
+    for (int w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
   }
-  std::barrier<> bar;
-  std::atomic<int> flag{0};
+  Barrier bar;
+  int flag = 0;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> smem;
   unsigned char* smem_base() {  // 128-byte aligned, as CUDA's dynamic shared memory
@@ -70,6 +88,8 @@ struct Copy {
   bool valid;
 };
 
+// The running CUDA thread's state. The scheduler swaps each fiber's copy in and out of tctx around
+// every resume, so kernel code sees its own thread's values.
 struct ThreadCtx {
   uint3 thread{}, block{};
   dim3 block_dim{}, grid_dim{};
@@ -80,41 +100,112 @@ struct ThreadCtx {
 };
 inline thread_local ThreadCtx tctx;
 
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  ThreadCtx t;
+  bool done = false;
+  const uint64_t* wait_gen = nullptr;  // blocked until *wait_gen != wait_val
+  uint64_t wait_val = 0;
+};
+
+struct Scheduler {
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  int current = -1;
+  std::function<void()> body;
+};
+inline thread_local Scheduler* sched = nullptr;
+
+inline void fiber_entry() {
+  sched->body();
+  sched->fibers[sched->current].done = true;  // uc_link returns to the scheduler
+}
+
+inline void Barrier::arrive_and_wait() {
+  if (++arrived == count) {
+    arrived = 0;
+    ++gen;
+    return;
+  }
+  Fiber& f = sched->fibers[sched->current];
+  f.wait_gen = &gen;
+  f.wait_val = gen;
+  swapcontext(&f.ctx, &sched->main);
+}
+
 inline int lane() { return int(tctx.thread.x) & 31; }
 inline Warp& warp() { return *tctx.cta->warps[tctx.thread.x / 32]; }
 
-// Runs kernel() for every thread of every CTA of the grid (blocks in x, then y, then z order). One
-// std::thread per CUDA thread of a CTA, created once per launch and reused by the CTAs in turn (thread
-// creation dominated small kernels). Each CTA starts with its shared memory filled with 0xff bytes
-// (NaN as a float, -1 as an int), so a kernel that reads shared memory it never wrote sees garbage,
-// as on a GPU, rather than the previous CTA's tile or zeros.
+// Runs kernel() for every thread of every CTA of the grid (blocks in x, then y, then z order). The
+// threads of a CTA are fibers (ucontext) on the calling OS thread: a thread runs until it reaches a
+// barrier or a warp collective, then the scheduler resumes the next runnable one, in an order
+// reshuffled on every pass (seeded: runs are reproducible) so that a missing barrier between two
+// threads shows up whichever of them writes first. Each CTA starts with its shared memory filled with
+// 0xff bytes (NaN as a float, -1 as an int), so a kernel that reads shared memory it never wrote sees
+// garbage, as on a GPU. A barrier that not every thread reaches is reported as a deadlock.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel) {
+  constexpr size_t kStack = size_t(256) << 10;
   const int nthreads = int(block.x * block.y * block.z);
   if (block.y != 1 || block.z != 1 || nthreads % 32 != 0 || nthreads == 0)
     throw std::invalid_argument("cuda_sim: 1-D blocks of whole warps only");
   const uint64_t nctas = uint64_t(grid.x) * grid.y * grid.z;
   if (nctas == 0) return;
-  Cta cta(nthreads, smem_bytes);
-  std::vector<std::thread> threads;
-  threads.reserve(nthreads);
-  for (int i = 0; i < nthreads; ++i)
-    threads.emplace_back([&, i] {
-      for (uint64_t b = 0; b < nctas; ++b) {
-        if (i == 0) std::memset(cta.smem.data(), 0xff, cta.smem.size());
-        cta.bar.arrive_and_wait();  // the CTA's shared memory is ready
-        tctx = ThreadCtx{};
-        tctx.thread = uint3{unsigned(i), 0, 0};
-        tctx.block = uint3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)};
-        tctx.block_dim = block;
-        tctx.grid_dim = grid;
-        tctx.cta = &cta;
-        kernel();
-        if (!tctx.open.empty() || !tctx.groups.empty()) std::abort();  // copies never waited for
-        cta.bar.arrive_and_wait();  // every thread has left this CTA
+  Scheduler s;
+  s.fibers.resize(nthreads);
+  for (auto& f : s.fibers) f.stack.reset(new char[kStack]);
+  s.body = [&] { kernel(); };
+  Scheduler* outer = std::exchange(sched, &s);
+  std::vector<int> order(nthreads);
+  std::mt19937 rng(12345);
+  for (uint64_t b = 0; b < nctas; ++b) {
+    Cta cta(nthreads, smem_bytes);
+    std::memset(cta.smem.data(), 0xff, cta.smem.size());
+    for (int i = 0; i < nthreads; ++i) {
+      Fiber& f = s.fibers[i];
+      f.t = ThreadCtx{};
+      f.t.thread = uint3{unsigned(i), 0, 0};
+      f.t.block = uint3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)};
+      f.t.block_dim = block;
+      f.t.grid_dim = grid;
+      f.t.cta = &cta;
+      f.done = false;
+      f.wait_gen = nullptr;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.get();
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = &s.main;
+      makecontext(&f.ctx, fiber_entry, 0);
+      order[i] = i;
+    }
+    for (int finished = 0; finished < nthreads;) {
+      bool progress = false;
+      std::shuffle(order.begin(), order.end(), rng);
+      finished = 0;
+      for (int i : order) {
+        Fiber& f = s.fibers[i];
+        if (!f.done && f.wait_gen != nullptr && *f.wait_gen == f.wait_val) continue;  // still blocked
+        if (!f.done) {
+          f.wait_gen = nullptr;
+          s.current = i;
+          std::swap(tctx, f.t);
+          swapcontext(&s.main, &f.ctx);
+          std::swap(tctx, f.t);
+          progress = true;
+        }
+        if (f.done) {
+          if (!f.t.open.empty() || !f.t.groups.empty()) std::abort();  // copies never waited for
+          ++finished;
+        }
       }
-    });
-  for (auto& t : threads) t.join();
+      if (!progress && finished < nthreads) {
+        sched = outer;
+        throw std::runtime_error("cuda_sim: deadlock: a barrier or warp collective that not every thread reaches");
+      }
+    }
+  }
+  sched = outer;
 }
 
 // One warp-collective step: publish this lane's slot, wait, compute from all slots. Consecutive
@@ -156,11 +247,11 @@ inline void __syncthreads() { glm5_sim::tctx.cta->bar.arrive_and_wait(); }
 
 inline int __syncthreads_or(int pred) {
   auto& cta = *glm5_sim::tctx.cta;
-  if (pred) cta.flag.store(1);
+  if (pred) cta.flag = 1;
   cta.bar.arrive_and_wait();
-  const int any = cta.flag.load();
+  const int any = cta.flag;
   cta.bar.arrive_and_wait();
-  if (threadIdx.x == 0) cta.flag.store(0);
+  if (threadIdx.x == 0) cta.flag = 0;
   cta.bar.arrive_and_wait();
   return any;
 }
@@ -202,31 +293,39 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ldmatrix_impl
 // mma.sync.m16n8k16.row.col.f32: rebuild A (16x16) and B (16x8) from the 32 lanes' fragments.
 template <typename T>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  float A[16][16], B[16][8];
+  const glm5_sim::MmaOperands* m = nullptr;
   glm5_sim::warp_exchange(
       [&](glm5_sim::Slot& s) {
         for (int i = 0; i < 4; ++i) s.r[i] = a[i];
         s.r[4] = b0, s.r[5] = b1;
       },
       [&](auto& slots) {
-        for (int l = 0; l < 32; ++l) {
-          const int g = l / 4, c = l % 4;
-          const uint32_t* r = slots[l].r;
+        // The first lane to get here decodes the warp's operands for everyone (same parity rule
+        // as the slots: the next collective of this parity starts after every lane has read these).
+        const unsigned id = glm5_sim::tctx.collectives;  // already counts this collective
+        glm5_sim::MmaOperands& op = glm5_sim::warp().mma[id & 1];
+        if (op.id != id) {
           auto lo = [](uint32_t v) { return glm5_sim::to_float<T>(uint16_t(v & 0xffff)); };
           auto hi = [](uint32_t v) { return glm5_sim::to_float<T>(uint16_t(v >> 16)); };
-          A[g][2 * c] = lo(r[0]), A[g][2 * c + 1] = hi(r[0]);
-          A[g + 8][2 * c] = lo(r[1]), A[g + 8][2 * c + 1] = hi(r[1]);
-          A[g][2 * c + 8] = lo(r[2]), A[g][2 * c + 9] = hi(r[2]);
-          A[g + 8][2 * c + 8] = lo(r[3]), A[g + 8][2 * c + 9] = hi(r[3]);
-          B[2 * c][g] = lo(r[4]), B[2 * c + 1][g] = hi(r[4]);
-          B[2 * c + 8][g] = lo(r[5]), B[2 * c + 9][g] = hi(r[5]);
+          for (int l = 0; l < 32; ++l) {
+            const int g = l / 4, c = l % 4;
+            const uint32_t* r = slots[l].r;
+            op.A[g][2 * c] = lo(r[0]), op.A[g][2 * c + 1] = hi(r[0]);
+            op.A[g + 8][2 * c] = lo(r[1]), op.A[g + 8][2 * c + 1] = hi(r[1]);
+            op.A[g][2 * c + 8] = lo(r[2]), op.A[g][2 * c + 9] = hi(r[2]);
+            op.A[g + 8][2 * c + 8] = lo(r[3]), op.A[g + 8][2 * c + 9] = hi(r[3]);
+            op.B[2 * c][g] = lo(r[4]), op.B[2 * c + 1][g] = hi(r[4]);
+            op.B[2 * c + 8][g] = lo(r[5]), op.B[2 * c + 9][g] = hi(r[5]);
+          }
+          op.id = id;
         }
+        m = &op;
       });
   const int g = glm5_sim::lane() / 4, c = glm5_sim::lane() % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
     float v = d[e];
-    for (int k = 0; k < 16; ++k) v += A[row][k] * B[k][col];
+    for (int k = 0; k < 16; ++k) v += m->A[row][k] * m->B[k][col];
     d[e] = v;
   }
 }
