@@ -43,7 +43,7 @@ TC_CASES = [
     Case(T=63, S=63, HI=16, DI=48, topk=8, layout="docs", docs=(5, 17, 1, 40), empty_rows=3),  # packed ks > 0
     Case(T=300, S=300, HI=32, DI=64, topk=48, layout="docs", docs=(60, 170, 70)),
     Case(T=6, S=20000, HI=32, DI=128, topk=2048),  # S >> topk: threshold filter, many flushes
-    Case(T=70, S=3000, HI=32, DI=128, topk=2048, layout="full"),  # several CTAs of 4 queries
+    Case(T=70, S=3000, HI=32, DI=128, topk=2048, layout="full"),  # also run with 2 and 4 queries per CTA below
     Case(T=20, S=700, HI=16, DI=32, topk=50, layout="random", ints=True),  # exact scores, relu zeros
     Case(T=8, S=1030, HI=16, DI=16, topk=200, layout="full", ints=True, dup=True),  # exact ties
     Case(T=10, S=2000, HI=32, DI=64, topk=300, layout="full", dup=True),  # duplicated key rows

@@ -91,7 +91,7 @@ bool indexer_tc_eligible(const at::Tensor& q, const at::Tensor& k) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   const int64_t HI = q.size(1), DI = q.size(2);
   if (HI < 16 || HI % 16 != 0 || DI < 16 || DI % 16 != 0 || DI > 16 * kTcMaxKSteps) return false;
-  return aligned16(q) && aligned16(k);
+  return aligned16(q) && aligned16(k) && tc_logits_smem(int(HI), int(DI)).total <= smem_optin(q);
 }
 
 void indexer_logits_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
@@ -107,8 +107,7 @@ void indexer_logits_tc(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     while (qb > 1 && (p.T + qb - 1) / qb * tiles < 2 * int64_t(num_sms(q))) qb /= 2;
   }
   p.qb = int(std::min<int64_t>(qb, p.T));
-  const size_t smem = tc_logits_smem(p.HI, p.DI).total;
-  TORCH_CHECK(smem <= smem_optin(q), "indexer_logits: these sizes need ", smem, " bytes of shared memory");
+  const size_t smem = tc_logits_smem(p.HI, p.DI).total;  // fits: indexer_tc_eligible
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16) launch_logits<__nv_bfloat16>(p, smem, stream);
   else launch_logits<__half>(p, smem, stream);
@@ -143,7 +142,8 @@ bool indexer_topk_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       else launch_topk_qb<__half>(qb, p, smem, stream);
       return true;
     }
-    if (want_qb != 0) break;  // an explicit choice is not second-guessed
+    TORCH_CHECK(want_qb == 0, "indexer_topk: GLM5_INDEXER_TOPK_QB=", want_qb, " needs ", smem,
+                " bytes of shared memory, more than this GPU's ", limit);
   }
   return false;
 }
