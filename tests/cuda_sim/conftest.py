@@ -31,7 +31,7 @@ def cuda_include() -> Path | None:
     return None
 
 
-def load_sim(name: str, source: str):
+def load_sim(name: str, source: str, extra_include_paths: tuple = ()):
     """Builds (or reuses) the simulator extension `name` from tests/cuda_sim/<source>."""
     inc = cuda_include()
     if inc is None:
@@ -43,7 +43,7 @@ def load_sim(name: str, source: str):
     return cpp_extension.load(
         name=name,
         sources=[str(HERE / source)],
-        extra_include_paths=[str(inc)],
+        extra_include_paths=[str(inc), *map(str, extra_include_paths)],
         extra_cflags=["-std=c++20", "-O1", "-Wno-attributes", "-pthread"],
         extra_ldflags=["-pthread"],
         build_directory=str(build),

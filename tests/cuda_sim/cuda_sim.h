@@ -12,8 +12,10 @@
 // Include this before any glm5 kernel header. Dynamic shared memory is glm5::cuda::dynamic_smem()
 // (device_utils.cuh), never `extern __shared__`; a `__shared__` variable in a kernel body becomes a
 // function-local static, which all threads of the CTA share (CTAs run one at a time, and each kernel
-// instantiation has its own). Not supported: atomics, threads that exit before a __syncthreads the
-// others still reach, warp-divergent collectives (every lane of a warp must reach each collective).
+// instantiation has its own). Besides the shuffles and mma: __syncwarp, __ballot_sync, __any_sync,
+// __match_any_sync, __popc, __ffs and cub::BlockScan's sums and scans (the kernel headers include cub
+// only outside the simulator). Not supported: atomics, threads that exit before a __syncthreads the others still reach,
+// warp-divergent collectives (every lane of a warp must reach each collective; full masks only).
 #pragma once
 #define GLM5_CUDA_SIM 1
 
@@ -33,6 +35,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
+#include <cstdio>
 #include <memory>
 #include <stdexcept>
 #include <utility>
@@ -264,6 +268,93 @@ inline V __shfl_xor_sync(unsigned, V v, int lane_mask) {
                           [&](auto& slots) { std::memcpy(&out, slots[glm5_sim::lane() ^ lane_mask].r, sizeof(V)); });
   return out;
 }
+
+// CUDA's global isnan overloads.
+using std::isnan;
+
+inline void __syncwarp(unsigned = 0xffffffffu) { glm5_sim::warp().bar.arrive_and_wait(); }
+
+inline unsigned __ballot_sync(unsigned, int pred) {  // bit l: lane l's predicate
+  unsigned out = 0;
+  glm5_sim::warp_exchange([&](glm5_sim::Slot& s) { s.r[0] = pred ? 1u : 0u; },
+                          [&](auto& slots) {
+                            for (int l = 0; l < 32; ++l) out |= slots[l].r[0] << l;
+                          });
+  return out;
+}
+
+inline int __any_sync(unsigned, int pred) {
+  int any = 0;
+  glm5_sim::warp_exchange([&](glm5_sim::Slot& s) { s.r[0] = pred != 0; },
+                          [&](auto& slots) {
+                            for (const auto& s : slots) any |= int(s.r[0]);
+                          });
+  return any;
+}
+
+// The lanes whose value equals this lane's (bit l for lane l).
+template <typename V>
+inline unsigned __match_any_sync(unsigned, V v) {
+  static_assert(std::is_integral_v<V> && sizeof(V) <= sizeof(glm5_sim::Slot::r));
+  unsigned mask = 0;
+  glm5_sim::warp_exchange([&](glm5_sim::Slot& s) { std::memcpy(s.r, &v, sizeof(V)); },
+                          [&](auto& slots) {
+                            for (int l = 0; l < 32; ++l) {
+                              V o;
+                              std::memcpy(&o, slots[l].r, sizeof(V));
+                              if (o == v) mask |= 1u << l;
+                            }
+                          });
+  return mask;
+}
+
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }  // 1 + the lowest set bit, 0 for 0
+
+namespace cub {
+
+// cub::BlockScan's sums and scans with cub's contract: blockDim.x == BLOCK_DIM_X, every thread of the
+// CTA calls, and the storage may be reused only after a __syncthreads (this version reads it after its
+// barrier, so a kernel that reuses it without one races here too). The scans run in thread order; cub's tree order
+// differs, which changes nothing for the integer sums and maxima glm5 scans.
+template <typename T, int BLOCK_DIM_X>
+class BlockScan {
+ public:
+  struct TempStorage {
+    T vals[BLOCK_DIM_X];
+  };
+  explicit BlockScan(TempStorage& storage) : s_(storage) {
+    if (blockDim.x != unsigned(BLOCK_DIM_X)) {  // a launcher bug; nothing can unwind a simulated thread
+      std::fprintf(stderr, "cuda_sim: cub::BlockScan<%d> in a block of %u threads\n", BLOCK_DIM_X, blockDim.x);
+      std::abort();
+    }
+  }
+  void InclusiveSum(T input, T& output, T& block_aggregate) {
+    InclusiveScan(input, output, [](T a, T b) { return a + b; }, block_aggregate);
+  }
+  void ExclusiveSum(T input, T& output, T& block_aggregate) {
+    T inclusive;
+    InclusiveSum(input, inclusive, block_aggregate);
+    output = inclusive - input;  // exact for the integer sums glm5 scans
+  }
+  // output = op(...op(op(x_0, x_1), x_2)..., x_t), block_aggregate the same over every thread.
+  template <typename Op>
+  void InclusiveScan(T input, T& output, Op op, T& block_aggregate) {
+    const int t = int(threadIdx.x);
+    s_.vals[t] = input;
+    __syncthreads();
+    T run = s_.vals[0];
+    for (int i = 1; i <= t; ++i) run = op(run, s_.vals[i]);
+    output = run;
+    for (int i = t + 1; i < BLOCK_DIM_X; ++i) run = op(run, s_.vals[i]);
+    block_aggregate = run;
+  }
+
+ private:
+  TempStorage& s_;
+};
+
+}  // namespace cub
 
 namespace glm5::cuda {
 

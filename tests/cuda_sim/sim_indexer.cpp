@@ -4,21 +4,6 @@
 // the tile / buffer choices as arguments so the tests can cover every path.
 #include "cuda_sim.h"
 
-// Warp vote, popcount and warp barrier, which the indexer's kernels use and cuda_sim.h does not
-// provide: the same exchange mechanism as the simulator's other warp collectives.
-inline unsigned __ballot_sync(unsigned, int pred) {
-  unsigned out = 0;
-  glm5_sim::warp_exchange([&](glm5_sim::Slot& s) { s.r[0] = pred ? 1u : 0u; },
-                          [&](auto& slots) {
-                            for (int l = 0; l < 32; ++l) out |= slots[l].r[0] << l;
-                          });
-  return out;
-}
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline void __syncwarp(unsigned = 0xffffffffu) {
-  glm5_sim::warp_exchange([](glm5_sim::Slot&) {}, [](auto&) {});
-}
-
 // clang-format off: the simulator must come first
 #include "../../csrc/cuda/lightning_indexer/kernels.cuh"
 #include "../../csrc/cuda/lightning_indexer/tc_kernels.cuh"

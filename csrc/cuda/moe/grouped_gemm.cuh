@@ -2,10 +2,12 @@
 // SIMT kernels with fp32 accumulation (fp64 for fp64). Every expert's row range and the prefix of its
 // M tiles are built on the device from the offsets (group_layout_kernel), so nothing syncs with the
 // host: the grid is launched for the worst case (ceil(M / tile) + E tiles) and the tiles past the last
-// expert's exit at once. Each output element is summed by one thread in a fixed k order:
-// deterministic.
+// expert's exit at once. Each output element is summed by one thread in a fixed order (per k slice,
+// then across slices: add_tile_product): deterministic.
 #pragma once
+#ifndef GLM5_CUDA_SIM  // the CPU simulator (tests/cuda_sim/cuda_sim.h) supplies cub::BlockScan
 #include <cub/block/block_scan.cuh>
+#endif
 
 #include "common.cuh"
 
@@ -14,32 +16,85 @@ namespace glm5::moe {
 constexpr int kLayoutThreads = 1024;
 constexpr int kTileM = 64, kTileN = 64, kTileK = 16, kGemmThreads = 256;  // 4x4 outputs per thread
 
-// start/end: expert rows clamped into [0, M] and non-decreasing (exact for valid offsets, and
-// memory-safe for any); tile_start: exclusive prefix of the experts' M tiles.
+// acc[i][j] += sum_kk As[kk][ty + 16 i] * Bs[kk][tx + 16 j]: the thread's 4x4 outputs (rows ty + 16 i,
+// columns tx + 16 j of the 64 x 64 tile) over one kTileK slice of the reduction. The slice is summed on
+// its own and then added: a two-level sum whose rounding error grows like kTileK + K / kTileK rather
+// than K (one running sum over the 1500-row expert of test_cuda_moe's largest wgrad case missed the
+// fp32 tolerance on the CPU simulator, with or without FMA).
+static_assert(kTileM == kTileN, "one tile shape for both operands");
+template <typename acc_t>
+__device__ __forceinline__ void add_tile_product(const acc_t (&As)[kTileK][kTileM + 1],
+                                                 const acc_t (&Bs)[kTileK][kTileN + 1], int tx, int ty,
+                                                 acc_t (&acc)[4][4]) {
+  acc_t part[4][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < kTileK; ++kk) {
+    acc_t a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) part[i][j] += a[i] * b[j];
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] += part[i][j];
+}
+
+struct MaxOp {
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? b : a; }
+};
+
+// start/end from the running maximum of the offsets clamped into [0, M]: bound[i] = max over j <= i of
+// clamp(offsets[j]), start[e] = bound[e], end[e] = bound[e+1]. Exact for valid offsets; for any others
+// (api.cu reads no values unless GLM5_CUDA_VALIDATE) the experts' rows stay inside [0, M], ordered and
+// disjoint, so no two CTAs write one output row. tile_start: exclusive prefix of the experts' M tiles.
 __global__ void group_layout_kernel(GroupLayout p) {
-  using Scan = cub::BlockScan<int32_t, kLayoutThreads>;
-  __shared__ typename Scan::TempStorage tmp;
-  __shared__ int32_t carry;
-  if (threadIdx.x == 0) carry = 0;
+  using BoundScan = cub::BlockScan<int64_t, kLayoutThreads>;
+  using TileScan = cub::BlockScan<int32_t, kLayoutThreads>;
+  __shared__ typename BoundScan::TempStorage bound_tmp;
+  __shared__ typename TileScan::TempStorage tile_tmp;
+  __shared__ int64_t bound_carry;  // the running maximum before this round's experts
+  __shared__ int32_t tile_carry;
+  const auto clamp = [&](int64_t o) { return min(max(o, int64_t{0}), p.M); };
+  if (threadIdx.x == 0) {
+    bound_carry = clamp(p.offsets[0]);
+    tile_carry = 0;
+  }
   __syncthreads();
+  // 1. end[e] = bound[e+1], a max-scan of clamp(offsets[1..E]) carried across rounds of kLayoutThreads.
+  for (int e0 = 0; e0 < p.E; e0 += kLayoutThreads) {
+    const int e = e0 + threadIdx.x;
+    const int64_t c = e < p.E ? clamp(p.offsets[e + 1]) : int64_t{0};  // 0 never raises a maximum
+    int64_t run, round_max;
+    BoundScan(bound_tmp).InclusiveScan(c, run, MaxOp{}, round_max);
+    if (e < p.E) p.end[e] = max(bound_carry, run);
+    __syncthreads();  // everyone has read bound_carry (and bound_tmp is free again)
+    if (threadIdx.x == 0) bound_carry = max(bound_carry, round_max);
+    __syncthreads();
+  }
+  // 2. start[e] = bound[e] (end[e-1], written above by another thread: visible after __syncthreads) and
+  //    the tile prefix.
   for (int e0 = 0; e0 < p.E; e0 += kLayoutThreads) {
     const int e = e0 + threadIdx.x;
     int32_t tiles = 0;
     if (e < p.E) {
-      const int64_t s = min(max(p.offsets[e], int64_t{0}), p.M);
-      const int64_t t = max(s, min(max(p.offsets[e + 1], int64_t{0}), p.M));
+      const int64_t s = e == 0 ? clamp(p.offsets[0]) : p.end[e - 1];
       p.start[e] = s;
-      p.end[e] = t;
-      tiles = static_cast<int32_t>(ceil_div<int64_t>(t - s, p.tile_m));
+      tiles = static_cast<int32_t>(ceil_div<int64_t>(p.end[e] - s, p.tile_m));
     }
     int32_t excl, total;
-    Scan(tmp).ExclusiveSum(tiles, excl, total);
-    if (e < p.E) p.tile_start[e] = carry + excl;
+    TileScan(tile_tmp).ExclusiveSum(tiles, excl, total);
+    if (e < p.E) p.tile_start[e] = tile_carry + excl;
     __syncthreads();
-    if (threadIdx.x == 0) carry += total;
+    if (threadIdx.x == 0) tile_carry += total;
     __syncthreads();
   }
-  if (threadIdx.x == 0) p.tile_start[p.E] = carry;
+  if (threadIdx.x == 0) p.tile_start[p.E] = tile_carry;
 }
 
 // Zeroes the rows of y outside [start[0], end[E-1]) (one warp per row; the others return at once).
@@ -88,18 +143,7 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_simt_kernel(Grouped
       Bs[kk][n] = (nn < p.N && k < p.K) ? to_acc(we[nn * p.w_sn + k * p.w_sk]) : acc_t(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      acc_t a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    add_tile_product(As, Bs, tx, ty, acc);
     __syncthreads();
   }
 #pragma unroll
@@ -141,18 +185,7 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_wgrad_simt_kernel(Groupe
       Bs[kk][c] = (r < r_end && cc < p.K) ? to_acc(p.x[r * p.K + cc]) : acc_t(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      acc_t a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    add_tile_product(As, Bs, tx, ty, acc);
     __syncthreads();
   }
   scalar_t* dwe = p.dw + static_cast<int64_t>(e) * p.N * p.K;

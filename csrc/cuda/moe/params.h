@@ -61,7 +61,8 @@ struct UnpermuteParams {
 };
 
 // Grouped GEMMs. Expert e owns rows [start[e], end[e]) of x / y (sanitised from the offsets on the
-// device: clamped into [0, M] and non-decreasing, so any offsets tensor is memory-safe).
+// device: clamped into [0, M] and made non-decreasing, so for any offsets tensor the experts' rows are
+// in bounds and disjoint).
 struct GroupLayout {
   const int64_t* offsets;   // [E+1] as given by the caller
   int64_t* start;           // [E]

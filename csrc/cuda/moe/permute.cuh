@@ -10,8 +10,11 @@
 // 4. copy:   one warp per row of x_sorted copies its token's row (or writes zeros for padding),
 //            so every output row is written exactly once.
 #pragma once
+#ifndef GLM5_CUDA_SIM  // the CPU simulator (tests/cuda_sim/cuda_sim.h) supplies cub::BlockScan
 #include <cub/block/block_scan.cuh>
+#endif
 
+#include "../common/device_utils.cuh"
 #include "common.cuh"
 
 namespace glm5::moe {
@@ -27,7 +30,7 @@ __device__ __forceinline__ int32_t* chunk_counters(const PermuteParams& p, int64
 // chose the same expert form a __match_any_sync group whose lowest lane adds the group's size, so
 // no two lanes update one counter at once; __syncwarp orders the rounds.
 __global__ void permute_count_kernel(PermuteParams p, bool use_smem) {
-  extern __shared__ int32_t permute_smem[];
+  int32_t* permute_smem = reinterpret_cast<int32_t*>(glm5::cuda::dynamic_smem());
   const int lane = threadIdx.x;
   const int64_t chunk = blockIdx.x;
   int32_t* cnt = chunk_counters(p, chunk, permute_smem, use_smem);
@@ -80,7 +83,7 @@ __global__ void permute_scan_kernel(PermuteParams p) {
 }
 
 __global__ void permute_place_kernel(PermuteParams p, bool use_smem) {
-  extern __shared__ int32_t permute_smem[];
+  int32_t* permute_smem = reinterpret_cast<int32_t*>(glm5::cuda::dynamic_smem());
   const int lane = threadIdx.x;
   const int64_t chunk = blockIdx.x;
   int32_t* cnt = chunk_counters(p, chunk, permute_smem, use_smem);

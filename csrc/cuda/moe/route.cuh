@@ -7,6 +7,7 @@
 // type, so the choice sees bitwise the scores of reference.moe_route on the same device). Butterfly
 // shuffles give every lane the same winner, so the result does not depend on scheduling.
 #pragma once
+#include "../common/device_utils.cuh"
 #include "common.cuh"
 
 namespace glm5::moe {
@@ -40,7 +41,7 @@ __device__ __forceinline__ double sigmoid_acc(double x) { return 1.0 / (1.0 + ::
 
 template <typename in_t, typename acc_t>
 __global__ void moe_route_kernel(RouteParams<in_t, acc_t> p) {
-  extern __shared__ __align__(16) unsigned char route_smem[];
+  unsigned char* route_smem = glm5::cuda::dynamic_smem();  // [warps][n_group] group scores
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * warps + warp;
   if (n >= p.N) return;  // whole warps leave together
