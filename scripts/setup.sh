@@ -14,6 +14,7 @@ fi
 source "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q "$TORCH_SPEC" "scikit-build-core>=0.10" ninja "cmake>=3.26" numpy
+python -m pip install -q --no-deps nvidia-cutlass==4.2.0.0   # CUTLASS headers: tests/cuda_sim checks the CUTLASS argument kernels
 echo "[glm5] building the extension against torch $(python -c 'import torch; print(torch.__version__)')"
 start=$(date +%s)
 python -m pip install -q --no-build-isolation -e "$ROOT[test,bench]"

@@ -9,14 +9,12 @@ CTA (qb), key tile (bs) or candidate buffer (cap). The real-GPU tests are tests/
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from glm5.ops import reference
 from numerics import assert_close_to_ref
+from sim_build import load_sim
 import test_lightning_indexer as li
 from test_lightning_indexer import Case
 
@@ -40,35 +38,9 @@ SIMT_CASES = [
 ]
 
 
-HERE = Path(__file__).resolve().parent
-
-
-def _cuda_include() -> Path | None:
-    """This folder's conftest.cuda_include (loaded by path: `conftest` names several modules)."""
-    spec = importlib.util.spec_from_file_location("glm5_cuda_sim_conftest", HERE / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.cuda_include()
-
-
 @pytest.fixture(scope="module")
 def sim():
-    inc = _cuda_include()
-    if inc is None:
-        pytest.skip("CUDA toolkit headers not found (CUDA_HOME or nvcc): the CUDA simulator needs cuda_bf16.h")
-    from torch.utils import cpp_extension
-
-    build = HERE.parents[1] / "build" / "cuda_sim" / "glm5_cuda_sim_indexer"
-    build.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name="glm5_cuda_sim_indexer",
-        sources=[str(HERE / "sim_indexer.cpp")],
-        extra_include_paths=[str(inc)],
-        extra_cflags=["-std=c++20", "-O1", "-Wno-attributes", "-pthread"],
-        extra_ldflags=["-pthread"],
-        build_directory=str(build),
-        verbose=False,
-    )
+    return load_sim("glm5_cuda_sim_indexer", "sim_indexer.cpp")
 
 
 def check_own_selection(logits: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, topk: int) -> None:

@@ -10,13 +10,12 @@ thread), GLM-5's head widths run with two queries.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from numerics import assert_close_to_ref
+from sim_build import load_sim
 from test_cuda_indexer_loss import floor_cuda, longest_sum
 from test_indexer_loss import (
     BAD,
@@ -44,10 +43,7 @@ CASES = [DENSE[0], DENSE[1], DENSE[3], DENSE[5], SPARSE[0], SPARSE[2], SPARSE[3]
 
 @pytest.fixture(scope="module")
 def sim():
-    spec = importlib.util.spec_from_file_location("glm5_cuda_sim_conftest", Path(__file__).with_name("conftest.py"))
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
-    return conftest.load_sim("glm5_cuda_sim_indexer_loss", "sim_indexer_loss.cpp")
+    return load_sim("glm5_cuda_sim_indexer_loss", "sim_indexer_loss.cpp")
 
 
 def sim_fwd(sim, x: Inputs, smem: int = H100_SMEM) -> torch.Tensor:

@@ -16,15 +16,12 @@ output api.cu allocates with at::empty starts as 0xff bytes.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from conftest import cuda_include, load_sim
 from glm5.ops import reference
 from numerics import assert_close_to_ref, calc_diff
+from sim_build import load_sim
 from test_cuda_moe import GPU_GEMM_CASES, GPU_PERM_CASES, GPU_ROUTE_CASES, WGRAD_CASES
 from test_moe import DTYPES, GEMM_CASES, PERM_CASES, GemmCase, PermCase, dname, gemm_inputs, make_topk, perm_inputs
 from test_moe_route import CASES as ROUTE_CASES
@@ -44,12 +41,7 @@ def sim():
 
 @pytest.fixture(scope="module")
 def sim_args():
-    spec = importlib.util.find_spec("cutlass_library")
-    inc = cuda_include()
-    if spec is None or inc is None:
-        pytest.skip("needs the CUTLASS headers (pip install --no-deps nvidia-cutlass==4.2.0.0) and the CUDA toolkit's")
-    cutlass = Path(spec.submodule_search_locations[0]) / "source" / "include"
-    return load_sim("glm5_cuda_sim_moe_cutlass_args", "sim_moe_cutlass_args.cpp", (inc / "cccl", cutlass))
+    return load_sim("glm5_cuda_sim_moe_cutlass_args", "sim_moe_cutlass_args.cpp", cutlass=True)
 
 
 def gemm_tols(out, truth, lowp, K):

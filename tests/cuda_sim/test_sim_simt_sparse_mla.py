@@ -14,8 +14,16 @@ import torch
 
 from glm5.ops import reference
 from numerics import assert_close_to_ref
+from sim_build import load_sim
 from test_cuda_dsa import floor_cuda
 from test_sparse_mla import CASES, SHARED_KEYS, Case, dead, make_inputs, out_and_grads, upcast
+
+
+
+@pytest.fixture(scope="module")
+def sim_simt():
+    return load_sim("glm5_cuda_sim_simt", "sim_simt_sparse_mla.cpp")
+
 
 H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 / H200
 GLM5 = Case(T=1, S=200, K=80, H=64, D=576, dv=512, pad=0.1)  # GLM-5 widths: 4 head groups, partial key block

@@ -14,18 +14,15 @@ Sizes are small because every simulated CUDA thread is an OS thread.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from glm5.ops import reference
 from numerics import assert_close_to_ref
+from sim_build import load_sim
 from test_sparse_mla import Case, dead, make_inputs, out_and_grads, upcast
 from test_sparse_mla import floor as mla_floor
 
-HERE = Path(__file__).resolve().parent
 H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 / H200
 
 CASES = [
@@ -42,26 +39,7 @@ SHARED = Case(T=6, S=12, K=24, H=4, D=32, dv=32, pad=0.2, dup=True, dead_rows=1)
 
 @pytest.fixture(scope="module")
 def sim():
-    # The folder's conftest.py locates the CUDA headers; loaded by path (tests/conftest.py shares its name).
-    spec = importlib.util.spec_from_file_location("glm5_cuda_sim_conftest", HERE / "conftest.py")
-    conf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conf)
-    inc = conf.cuda_include()
-    if inc is None:
-        pytest.skip("CUDA toolkit headers not found (CUDA_HOME or nvcc): the CUDA simulator needs cuda_bf16.h")
-    from torch.utils import cpp_extension
-
-    build = HERE.parents[1] / "build" / "cuda_sim" / "glm5_cuda_sim_bwd_tc"
-    build.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name="glm5_cuda_sim_bwd_tc",
-        sources=[str(HERE / "sim_sparse_mla_bwd_tc.cpp")],
-        extra_include_paths=[str(inc)],
-        extra_cflags=["-std=c++20", "-O1", "-Wno-attributes", "-pthread"],
-        extra_ldflags=["-pthread"],
-        build_directory=str(build),
-        verbose=False,
-    )
+    return load_sim("glm5_cuda_sim_bwd_tc", "sim_sparse_mla_bwd_tc.cpp")
 
 
 def kernel_inputs(case: Case, dtype: torch.dtype, indices: torch.Tensor | None = None) -> tuple:

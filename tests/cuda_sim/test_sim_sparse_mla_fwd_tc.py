@@ -11,8 +11,16 @@ import torch
 
 from glm5.ops import reference
 from numerics import assert_close_to_ref
+from sim_build import load_sim
 from test_sparse_mla import Case, dead, make_inputs, upcast
 from test_sparse_mla import floor as mla_floor
+
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return load_sim("glm5_cuda_sim_fwd_tc", "sim_sparse_mla_fwd_tc.cpp")
+
 
 CASES = [
     Case(T=2, S=64, K=32, H=4, D=64, dv=32),  # one m-tile, 12 padded heads, one full block

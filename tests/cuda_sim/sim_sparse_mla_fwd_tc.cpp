@@ -1,5 +1,5 @@
-// glm5 CUDA kernels compiled for the CPU simulator (cuda_sim.h) and bound to Python for the tests in
-// this folder. Each binding mirrors its CUDA host launcher: same parameter block, grid and block.
+// The tensor-core sparse MLA forward compiled for the CPU simulator (cuda_sim.h) and bound to Python for
+// test_sim_sparse_mla_fwd_tc.py; it mirrors the host launcher (fwd_tc.cu): parameter block, grid, block.
 #include "cuda_sim.h"
 // clang-format off: the simulator must come first
 #include "../../csrc/cuda/sparse_mla/fwd_tc_kernel.cuh"
