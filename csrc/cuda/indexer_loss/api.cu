@@ -21,6 +21,7 @@
 
 #include "glm5/checks.h"
 #include "glm5/indexer_loss_checks.h"
+#include "../common/host_utils.h"
 #include "kernels.cuh"
 
 namespace {
@@ -30,17 +31,7 @@ using glm5::indexer_loss_checks::Dims;
 
 constexpr int64_t kSortEntries = int64_t(1) << 24;  // sparse dk: slots sorted per query chunk (~16 B each)
 
-at::ScalarType acc_type(const at::Tensor& q_idx) {
-  return q_idx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
-
-size_t max_smem_optin(int device) {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return size_t(v);
-}
+at::ScalarType acc_type(const at::Tensor& q_idx) { return acc_dtype(q_idx.scalar_type()); }
 
 // Calls f(Ti{}, Tm{}, ct{}): the indexer's storage type, the main attention's (its own when q has the
 // indexer's dtype, else the compute type it was converted to), and the compute type.

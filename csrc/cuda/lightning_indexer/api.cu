@@ -15,6 +15,7 @@
 
 #include "glm5/checks.h"
 #include "glm5/indexer_checks.h"
+#include "../common/host_utils.h"
 #include "kernels.cuh"
 #include "tc.h"
 
@@ -22,26 +23,7 @@ namespace {
 
 using namespace glm5::cuda;
 
-at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
-
-size_t max_smem_optin(int device) {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return size_t(v);
-}
-
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kDouble: f(double{}, double{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}, float{}); break;
-    case at::kHalf: f(__half{}, float{}); break;
-    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
-  }
-}
+at::ScalarType acc_type(const at::Tensor& q) { return acc_dtype(q.scalar_type()); }
 
 // Shapes and dtypes as the CPU path (glm5/indexer_checks.h); ks/ke values are clamped on the device.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "../common/host_utils.h"
 #include "tc.h"
 #include "tc_kernels.cuh"
 
@@ -34,8 +35,6 @@ int env_int(const char* name) {
   return int(x);
 }
 
-bool aligned16(const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; }
-
 IndexerParams tc_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
                         const at::Tensor& ke) {
   IndexerParams p{};
@@ -51,11 +50,7 @@ IndexerParams tc_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 int num_sms(const at::Tensor& q) { return at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount; }
 
-size_t smem_optin(const at::Tensor& q) {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
-  return size_t(v);
-}
+size_t smem_optin(const at::Tensor& q) { return max_smem_optin(q.get_device()); }
 
 template <typename T>
 void launch_logits(const IndexerParams& p, size_t smem, cudaStream_t stream) {
@@ -91,7 +86,7 @@ bool indexer_tc_eligible(const at::Tensor& q, const at::Tensor& k) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   const int64_t HI = q.size(1), DI = q.size(2);
   if (HI < 16 || HI % 16 != 0 || DI < 16 || DI % 16 != 0 || DI > 16 * kTcMaxKSteps) return false;
-  return aligned16(q) && aligned16(k) && tc_logits_smem(int(HI), int(DI)).total <= smem_optin(q);
+  return aligned16(q.data_ptr()) && aligned16(k.data_ptr()) && tc_logits_smem(int(HI), int(DI)).total <= smem_optin(q);
 }
 
 void indexer_logits_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/host_utils.h"
 #include "grouped_gemm.cuh"
 #include "permute.cuh"
 #include "route.cuh"
@@ -56,7 +57,6 @@ namespace moe_checks = glm5::moe_checks;
 
 constexpr double kRouteNormEps = 1e-20;  // reference.ROUTE_NORM_EPS
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ATen element types -> CUDA's.
 template <typename T>
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
   moe_checks::route_args(logits, bias, topk, n_group, topk_group);
   const int64_t N = logits.size(0), E = logits.size(1);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::ScalarType acc = acc_type(logits.scalar_type());
+  const at::ScalarType acc = glm5::cuda::acc_dtype(logits.scalar_type());
   const at::Tensor lc = logits.contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   if (validate_values()) {
@@ -251,7 +251,7 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& row_
   const int64_t M = y_sorted.size(0), D = y_sorted.size(1), N = row_map.size(0), k = row_map.size(1);
   const at::Tensor yc = y_sorted.contiguous(), rmc = row_map.contiguous();
   if (validate_values()) moe_checks::row_map_values(rmc.cpu(), M);
-  const at::ScalarType acc = acc_type(y_sorted.scalar_type());
+  const at::ScalarType acc = glm5::cuda::acc_dtype(y_sorted.scalar_type());
   const at::Tensor wc = topk_w.to(acc).contiguous();
   at::Tensor out = at::empty({N, D}, y_sorted.options());
   if (N == 0 || D == 0) return out;
@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd_cuda(const at::Tensor& grad
   const int64_t M = y_sorted.size(0), D = y_sorted.size(1), N = row_map.size(0), k = row_map.size(1);
   const at::Tensor gc = grad.contiguous(), yc = y_sorted.contiguous(), rmc = row_map.contiguous();
   if (validate_values()) moe_checks::row_map_values(rmc.cpu(), M);
-  const at::ScalarType acc = acc_type(y_sorted.scalar_type());
+  const at::ScalarType acc = glm5::cuda::acc_dtype(y_sorted.scalar_type());
   const at::Tensor wc = topk_w.to(acc).contiguous();
   at::Tensor dy = at::zeros({M, D}, y_sorted.options());  // rows no slot points at get no gradient
   at::Tensor dw = at::empty({N, k}, wc.options());

@@ -19,6 +19,7 @@
 
 #include "glm5/checks.h"
 #include "glm5/sparse_mla_checks.h"
+#include "../common/host_utils.h"
 #include "bwd_tc.h"
 #include "fwd_tc.h"
 #include "kernels.cuh"
@@ -28,28 +29,6 @@ namespace {
 using namespace glm5::cuda;
 
 constexpr int64_t kBwdChunkBytes = int64_t(1) << 30;  // backward per-chunk key-gradient rows
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
-
-size_t max_smem_optin(int device) {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return size_t(v);
-}
-
-// Calls f(T{}, ct{}) with the CUDA storage type of dtype and its compute type.
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kDouble: f(double{}, double{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}, float{}); break;
-    case at::kHalf: f(__half{}, float{}); break;
-    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
-  }
-}
 
 using glm5::sparse_mla_checks::Dims;
 

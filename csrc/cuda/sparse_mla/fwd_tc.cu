@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include "../common/host_utils.h"
 #include "fwd_tc.h"
 #include "fwd_tc_kernel.cuh"
 
@@ -31,8 +32,6 @@ void launch_mt(int mt, const SparseMlaFwdParams& p, size_t smem, cudaStream_t st
   }
 }
 
-bool aligned16(const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; }
-
 }  // namespace
 
 bool sparse_mla_fwd_tc(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& indices, double sm_scale,
@@ -44,16 +43,14 @@ bool sparse_mla_fwd_tc(const at::Tensor& q, const at::Tensor& kv, const at::Tens
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), S = kv.size(0), K = indices.size(1), dv = out.size(2);
   if (T == 0 || H == 0 || K == 0 || D % 16 != 0 || dv == 0 || dv % 32 != 0 || dv > 16 * kMaxOTiles || dv > D)
     return false;
-  if (!aligned16(q) || !aligned16(kv)) return false;
+  if (!aligned16(q.data_ptr()) || !aligned16(kv.data_ptr())) return false;
   const int mt = int(std::min<int64_t>(4, (H + 15) / 16));
   const int elem = int(q.element_size());
   const size_t smem = mt == 1   ? sparse_mla_fwd_tc_smem<1>(int(D), elem)
                       : mt == 2 ? sparse_mla_fwd_tc_smem<2>(int(D), elem)
                       : mt == 3 ? sparse_mla_fwd_tc_smem<3>(int(D), elem)
                                 : sparse_mla_fwd_tc_smem<4>(int(D), elem);
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
-  if (smem > size_t(limit)) return false;
+  if (smem > max_smem_optin(q.get_device())) return false;
 
   SparseMlaFwdParams p{};
   p.q = q.data_ptr();

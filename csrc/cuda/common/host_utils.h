@@ -1,0 +1,41 @@
+// Host-side helpers shared by the CUDA wrappers (api.cu, *_tc.cu): accumulation dtype, device limits,
+// the storage/compute dtype dispatch, alignment. ATen only; no device code.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace glm5::cuda {
+
+// fp32 accumulation for every float dtype but fp64.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// An odd row stride for shared-memory tiles of 4- or 8-byte elements: lanes reading one column of
+// consecutive rows hit distinct banks.
+inline int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
+
+// Dynamic shared memory a block may opt into on `device` (232448 bytes on an H100 / H200).
+inline size_t max_smem_optin(int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return size_t(v);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Calls f(T{}, ct{}) with the CUDA storage type of dtype and its compute type.
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}, float{}); break;
+    case at::kHalf: f(__half{}, float{}); break;
+    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace glm5::cuda
