@@ -144,7 +144,7 @@ inline Warp& warp() { return *tctx.cta->warps[tctx.thread.x / 32]; }
 // Runs kernel() for every thread of every CTA of the grid (blocks in x, then y, then z order). The
 // threads of a CTA are fibers (ucontext) on the calling OS thread: a thread runs until it reaches a
 // barrier or a warp collective, then the scheduler resumes the next runnable one, in an order
-// reshuffled on every pass (seeded: runs are reproducible) so that a missing barrier between two
+// reshuffled on every pass (seeded, GLM5_SIM_SEED: runs are reproducible) so that a missing barrier between two
 // threads shows up whichever of them writes first. Each CTA starts with its shared memory filled with
 // 0xff bytes (NaN as a float, -1 as an int), so a kernel that reads shared memory it never wrote sees
 // garbage, as on a GPU. A barrier that not every thread reaches is reported as a deadlock.
@@ -162,7 +162,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel) {
   s.body = [&] { kernel(); };
   Scheduler* outer = std::exchange(sched, &s);
   std::vector<int> order(nthreads);
-  std::mt19937 rng(12345);
+  const char* seed = std::getenv("GLM5_SIM_SEED");  // another seed, another interleaving
+  std::mt19937 rng(seed != nullptr ? unsigned(std::strtoul(seed, nullptr, 10)) : 12345u);
   for (uint64_t b = 0; b < nctas; ++b) {
     Cta cta(nthreads, smem_bytes);
     std::memset(cta.smem.data(), 0xff, cta.smem.size());

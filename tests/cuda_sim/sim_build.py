@@ -5,6 +5,7 @@ friends, found from CUDA_HOME or nvcc), not a GPU; without them the tests that n
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -61,3 +62,18 @@ def load_sim(name: str, source: str, cutlass: bool = False):
         build_directory=str(build),
         verbose=False,
     )
+
+
+@contextlib.contextmanager
+def reseeded(seed: int):
+    """Launches inside resume the simulated threads in another seeded order (cuda_sim.h): a kernel
+    whose result depends on the interleaving of its threads gives other bits."""
+    old = os.environ.get("GLM5_SIM_SEED")
+    os.environ["GLM5_SIM_SEED"] = str(seed)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GLM5_SIM_SEED"]
+        else:
+            os.environ["GLM5_SIM_SEED"] = old

@@ -11,7 +11,7 @@ import torch
 
 from glm5.ops import reference
 from numerics import assert_close_to_ref
-from sim_build import load_sim
+from sim_build import load_sim, reseeded
 from test_sparse_mla import Case, dead, make_inputs, upcast
 from test_sparse_mla import floor as mla_floor
 
@@ -46,3 +46,11 @@ def test_sim_tc_forward(sim, case, dtype):
     assert_close_to_ref(lse, truth_lse, None, floor=64 * torch.finfo(torch.float32).eps * max(1.0, top), name="lse")
     empty = dead(x)
     assert not out[empty].any() and torch.isposinf(lse[empty]).all()
+
+
+def test_sim_tc_forward_deterministic(sim):
+    x = make_inputs(CASES[4], torch.bfloat16)
+    first = sim.sparse_mla_fwd_tc(*x)
+    with reseeded(7):  # the simulated threads in another order
+        again = sim.sparse_mla_fwd_tc(*x)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
