@@ -1,12 +1,14 @@
 // The CUDA-core (SIMT) sparse MLA kernels of csrc/cuda/sparse_mla/kernels.cuh on the CPU simulator,
 // bound to Python for test_sim_simt_sparse_mla.py. The bindings mirror the SIMT paths of the host
-// launcher (csrc/cuda/sparse_mla/api.cu): same parameter blocks, tiling search, grids and blocks, and
-// the same backward chunking. The one substitution: cub::DeviceRadixSort (a stable sort of the slots
-// by key) is a stable torch sort on the CPU. smem_limit plays the device's opt-in shared-memory limit
-// (232448 bytes on an H100/H200); a smaller one forces the launcher's smaller tilings.
+// launcher (csrc/cuda/sparse_mla/api.cu): same parameter blocks, grids and blocks; the tiling search and
+// the backward chunking are the launcher's own (csrc/cuda/sparse_mla/plan.h). The one substitution:
+// cub::DeviceRadixSort (a stable sort of the slots by key) is a stable torch sort on the CPU. smem_limit
+// plays the device's opt-in shared-memory limit (232448 bytes on an H100/H200); a smaller one forces the
+// launcher's smaller tilings.
 #include "cuda_sim.h"
 // clang-format off: the simulator must come first
 #include "../../csrc/cuda/sparse_mla/kernels.cuh"
+#include "../../csrc/cuda/sparse_mla/plan.h"
 // clang-format on
 
 #include <torch/extension.h>
@@ -17,10 +19,6 @@
 namespace {
 
 using namespace glm5::cuda;
-
-constexpr int64_t kBwdChunkBytes = int64_t(1) << 30;  // api.cu's default chunk budget
-
-int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -34,33 +32,6 @@ void dispatch_float(at::ScalarType dtype, F&& f) {
     case at::kHalf: f(__half{}, float{}); break;
     default: TORCH_CHECK(false, "unsupported dtype ", dtype);
   }
-}
-
-// The forward's tiling search of api.cu: the largest (hb, bk) that fits, bk shrinking first.
-template <typename ct>
-void fwd_tiling(SparseMlaFwdParams& p, size_t limit) {
-  p.ld = odd_stride(p.D);
-  p.hb = std::min(p.H, 16);
-  p.bk = 32;
-  while (sparse_mla_fwd_smem<ct>(p.hb, p.bk, p.ld, p.dv) > limit && (p.bk > 8 || p.hb > 1)) {
-    if (p.bk > 8) p.bk /= 2;
-    else p.hb = std::max(1, p.hb / 2);
-  }
-  TORCH_CHECK(sparse_mla_fwd_smem<ct>(p.hb, p.bk, p.ld, p.dv) <= limit, "sparse_mla_fwd: too much shared memory");
-}
-
-template <typename ct>
-void bwd_tiling(SparseMlaBwdParams& p, size_t limit) {
-  p.ld = odd_stride(p.D);
-  p.ldv = odd_stride(p.dv);
-  p.hb = std::min(p.H, 16);
-  p.bk = 16;
-  while (sparse_mla_bwd_smem<ct>(p.H, p.hb, p.bk, p.ld, p.ldv, p.D) > limit && (p.bk > 4 || p.hb > 1)) {
-    if (p.bk > 4) p.bk /= 2;
-    else p.hb = std::max(1, p.hb / 2);
-  }
-  TORCH_CHECK(sparse_mla_bwd_smem<ct>(p.H, p.hb, p.bk, p.ld, p.ldv, p.D) <= limit,
-              "sparse_mla_bwd: too much shared memory");
 }
 
 void check_cpu_inputs(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& indices, int64_t dv) {
@@ -93,8 +64,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> sparse_mla_fwd(const at
     p.T = q.size(0);
     p.H = int(q.size(1)), p.D = int(q.size(2)), p.S = int(kv.size(0)), p.K = int(indices.size(1)), p.dv = int(dv);
     p.scale = sm_scale;
-    fwd_tiling<ct>(p, size_t(smem_limit));
-    const size_t smem = sparse_mla_fwd_smem<ct>(p.hb, p.bk, p.ld, p.dv);
+    const SparseMlaSimtPlan plan = sparse_mla_fwd_plan(p.H, p.D, p.dv, size_t(smem_limit), sparse_mla_fwd_smem<ct>);
+    TORCH_CHECK(plan.smem <= size_t(smem_limit), "sparse_mla_fwd: too much shared memory");
+    p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld;
+    const size_t smem = plan.smem;
     const dim3 grid(unsigned(p.T), unsigned((p.H + p.hb - 1) / p.hb));
     glm5_sim::launch(grid, dim3(kSparseMlaThreads), smem, [&] { sparse_mla_fwd_kernel<T, ct>(p); });
     tiling = {p.hb, p.bk, p.ld};
@@ -120,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> sparse_mla_bwd(
   auto finish = [&] { return std::make_tuple(dq_acc.to(q.scalar_type()), dkv_acc.to(kv.scalar_type()), tiling); };
   if (T == 0 || H == 0 || D == 0 || K == 0 || S == 0) return finish();
   const int64_t esize = int64_t(c10::elementSize(acc));
-  const int64_t chunk = std::clamp<int64_t>(std::max<int64_t>(chunk_bytes, 1) / (K * D * esize), 1, T);
+  const int64_t chunk = sparse_mla_bwd_chunk(chunk_bytes, T, K, D, esize);
   const int64_t n_max = chunk * K;
   TORCH_CHECK(n_max < (int64_t(1) << 31), "chunk does not fit in int32");
   at::Tensor rows = at::empty({n_max, D}, q.options().dtype(acc));
@@ -141,8 +114,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> sparse_mla_bwd(
     p.rows = rows.data_ptr();
     p.H = int(H), p.D = int(D), p.S = int(S), p.K = int(K), p.dv = int(dv);
     p.scale = sm_scale;
-    bwd_tiling<ct>(p, size_t(smem_limit));
-    const size_t smem = sparse_mla_bwd_smem<ct>(p.H, p.hb, p.bk, p.ld, p.ldv, p.D);
+    const SparseMlaSimtPlan plan = sparse_mla_bwd_plan(p.H, p.D, p.dv, size_t(smem_limit), sparse_mla_bwd_smem<ct>);
+    TORCH_CHECK(plan.smem <= size_t(smem_limit), "sparse_mla_bwd: too much shared memory");
+    p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld, p.ldv = plan.ldv;
+    const size_t smem = plan.smem;
     tiling = {p.hb, p.bk, p.ld, p.ldv, chunk};
 
     SparseMlaReduceParams r{};
@@ -179,5 +154,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mla_fwd", &sparse_mla_fwd, "the SIMT forward: (out, lse, [hb, bk, ld])");
   m.def("sparse_mla_bwd", &sparse_mla_bwd,
         "the SIMT backward, key sort and reduction: (dq, dkv, [hb, bk, ld, ldv, queries per chunk])");
-  m.attr("kBwdChunkBytes") = kBwdChunkBytes;
+  m.attr("kBwdChunkBytes") = kSparseMlaBwdChunkBytes;
 }

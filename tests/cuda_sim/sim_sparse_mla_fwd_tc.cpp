@@ -1,8 +1,10 @@
 // The tensor-core sparse MLA forward compiled for the CPU simulator (cuda_sim.h) and bound to Python for
-// test_sim_sparse_mla_fwd_tc.py; it mirrors the host launcher (fwd_tc.cu): parameter block, grid, block.
+// test_sim_sparse_mla_fwd_tc.py; it mirrors the host launcher (fwd_tc.cu): parameter block, grid, block,
+// and takes the m-tile count from the launcher's plan (csrc/cuda/sparse_mla/plan.h).
 #include "cuda_sim.h"
 // clang-format off: the simulator must come first
 #include "../../csrc/cuda/sparse_mla/fwd_tc_kernel.cuh"
+#include "../../csrc/cuda/sparse_mla/plan.h"
 // clang-format on
 
 #include <torch/extension.h>
@@ -37,15 +39,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_tc(const at::Tensor& q, const 
   p.T = q.size(0);
   p.H = int(q.size(1)), p.D = int(q.size(2)), p.S = int(kv.size(0)), p.K = int(indices.size(1)), p.dv = int(dv);
   p.scale = sm_scale;
-  const int mt = int(std::min<int64_t>(4, (p.H + 15) / 16));
+  const int mt = sparse_mla_fwd_tc_mt(p.H);
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    switch (mt) {
-      case 1: run_fwd_tc<T, 1>(p); break;
-      case 2: run_fwd_tc<T, 2>(p); break;
-      case 3: run_fwd_tc<T, 3>(p); break;
-      default: run_fwd_tc<T, 4>(p); break;
-    }
+    sparse_mla_with_mt(mt, [&](auto m) { run_fwd_tc<T, decltype(m)::value>(p); });
   };
   if (q.scalar_type() == at::kBFloat16) go(__nv_bfloat16{});
   else go(__half{});

@@ -23,12 +23,11 @@
 #include "bwd_tc.h"
 #include "fwd_tc.h"
 #include "kernels.cuh"
+#include "plan.h"
 
 namespace {
 
 using namespace glm5::cuda;
-
-constexpr int64_t kBwdChunkBytes = int64_t(1) << 30;  // backward per-chunk key-gradient rows
 
 using glm5::sparse_mla_checks::Dims;
 
@@ -66,14 +65,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q_in, c
     p.T = dm.T;
     p.H = int(dm.H), p.D = int(dm.D), p.S = int(dm.S), p.K = int(dm.K), p.dv = int(d_v);
     p.scale = sm_scale;
-    p.ld = odd_stride(p.D);
-    // Largest tiling that fits: 16 heads x 32 keys at GLM-5 sizes (~145 KB in fp32).
-    p.hb = int(std::min<int64_t>(dm.H, 16));
-    p.bk = 32;
-    while (sparse_mla_fwd_smem<ct>(p.hb, p.bk, p.ld, p.dv) > limit && (p.bk > 8 || p.hb > 1)) {
-      if (p.bk > 8) p.bk /= 2; else p.hb = std::max(1, p.hb / 2);
-    }
-    const size_t smem = sparse_mla_fwd_smem<ct>(p.hb, p.bk, p.ld, p.dv);
+    const SparseMlaSimtPlan plan = sparse_mla_fwd_plan(p.H, p.D, p.dv, limit, sparse_mla_fwd_smem<ct>);
+    p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld;
+    const size_t smem = plan.smem;
     TORCH_CHECK(smem <= limit, "sparse_mla_fwd: D_qk = ", dm.D, " needs ", smem,
                 " bytes of shared memory, more than this GPU's ", limit);
     auto kernel = sparse_mla_fwd_kernel<T, ct>;
@@ -88,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q_in, c
 // The backward's chunk budget; GLM5_SPARSE_MLA_BWD_CHUNK_BYTES overrides it (as on the CPU).
 int64_t bwd_chunk_bytes() {
   const char* env = std::getenv("GLM5_SPARSE_MLA_BWD_CHUNK_BYTES");
-  return env != nullptr ? std::max<int64_t>(std::atoll(env), 1) : kBwdChunkBytes;
+  return env != nullptr ? std::max<int64_t>(std::atoll(env), 1) : kSparseMlaBwdChunkBytes;
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_contiguous(const at::Tensor& grad_out, const at::Tensor& q,
@@ -106,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_contiguous(const at::Tensor& g
   const size_t limit = max_smem_optin(q.get_device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t esize = int64_t(c10::elementSize(acc));
-  const int64_t chunk = std::clamp<int64_t>(bwd_chunk_bytes() / (dm.K * dm.D * esize), 1, dm.T);
+  const int64_t chunk = sparse_mla_bwd_chunk(bwd_chunk_bytes(), dm.T, dm.K, dm.D, esize);
   // Checked once: the sort handles at most chunk * K < 2^31 slots (int32 row numbers).
   const int64_t n_max = chunk * dm.K;
   TORCH_CHECK(n_max < (int64_t(1) << 31), "sparse_mla_bwd: chunk of ", n_max, " slots does not fit in int32");
@@ -136,14 +130,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_contiguous(const at::Tensor& g
     p.rows = rows.data_ptr();
     p.H = int(dm.H), p.D = int(dm.D), p.S = int(dm.S), p.K = int(dm.K), p.dv = int(dm.dv);
     p.scale = sm_scale;
-    p.ld = odd_stride(p.D);
-    p.ldv = odd_stride(p.dv);
-    p.hb = int(std::min<int64_t>(dm.H, 16));
-    p.bk = 16;
-    while (sparse_mla_bwd_smem<ct>(p.H, p.hb, p.bk, p.ld, p.ldv, p.D) > limit && (p.bk > 4 || p.hb > 1)) {
-      if (p.bk > 4) p.bk /= 2; else p.hb = std::max(1, p.hb / 2);
-    }
-    const size_t smem = sparse_mla_bwd_smem<ct>(p.H, p.hb, p.bk, p.ld, p.ldv, p.D);
+    const SparseMlaSimtPlan plan = sparse_mla_bwd_plan(p.H, p.D, p.dv, limit, sparse_mla_bwd_smem<ct>);
+    p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld, p.ldv = plan.ldv;
+    const size_t smem = plan.smem;
     TORCH_CHECK(smem <= limit, "sparse_mla_bwd: D_qk = ", dm.D, ", H = ", dm.H, " need ", smem,
                 " bytes of shared memory, more than this GPU's ", limit);
     auto kernel = sparse_mla_bwd_kernel<T, ct>;

@@ -7,6 +7,7 @@
 #include "../common/host_utils.h"
 #include "fwd_tc.h"
 #include "fwd_tc_kernel.cuh"
+#include "plan.h"
 
 namespace glm5::cuda {
 namespace {
@@ -24,12 +25,7 @@ void launch(const SparseMlaFwdParams& p, size_t smem, cudaStream_t stream) {
 
 template <typename T>
 void launch_mt(int mt, const SparseMlaFwdParams& p, size_t smem, cudaStream_t stream) {
-  switch (mt) {
-    case 1: launch<T, 1>(p, smem, stream); break;
-    case 2: launch<T, 2>(p, smem, stream); break;
-    case 3: launch<T, 3>(p, smem, stream); break;
-    default: launch<T, 4>(p, smem, stream); break;
-  }
+  sparse_mla_with_mt(mt, [&](auto m) { launch<T, decltype(m)::value>(p, smem, stream); });
 }
 
 }  // namespace
@@ -44,12 +40,10 @@ bool sparse_mla_fwd_tc(const at::Tensor& q, const at::Tensor& kv, const at::Tens
   if (T == 0 || H == 0 || K == 0 || D % 16 != 0 || dv == 0 || dv % 32 != 0 || dv > 16 * kMaxOTiles || dv > D)
     return false;
   if (!aligned16(q.data_ptr()) || !aligned16(kv.data_ptr())) return false;
-  const int mt = int(std::min<int64_t>(4, (H + 15) / 16));
+  const int mt = sparse_mla_fwd_tc_mt(H);
   const int elem = int(q.element_size());
-  const size_t smem = mt == 1   ? sparse_mla_fwd_tc_smem<1>(int(D), elem)
-                      : mt == 2 ? sparse_mla_fwd_tc_smem<2>(int(D), elem)
-                      : mt == 3 ? sparse_mla_fwd_tc_smem<3>(int(D), elem)
-                                : sparse_mla_fwd_tc_smem<4>(int(D), elem);
+  const size_t smem =
+      sparse_mla_with_mt(mt, [&](auto m) { return sparse_mla_fwd_tc_smem<decltype(m)::value>(int(D), elem); });
   if (smem > max_smem_optin(q.get_device())) return false;
 
   SparseMlaFwdParams p{};
