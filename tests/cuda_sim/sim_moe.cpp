@@ -1,9 +1,11 @@
 // The MoE CUDA kernels of csrc/cuda/moe (route.cuh, permute.cuh, unpermute.cuh, grouped_gemm.cuh) on
 // the CPU simulator, bound to Python for test_sim_moe.py. Each binding mirrors its host launcher in
 // csrc/cuda/moe/api.cu: the same parameter blocks, allocations, launch order, grids, blocks and shared
-// memory. Two knobs reach paths the small test shapes would not: smem_limit (the router's 48 KiB
-// bound, which picks 4 warps or 1 per block) and counter_smem_limit (moe_permute's 32 KiB bound for
-// per-chunk counters in shared memory, else in global memory). No cub device-wide call is replaced:
+// memory; the router's warps, permute's counter placement and row-copy width and the grid-stride block
+// counts come from the launcher's own plan (csrc/cuda/moe/plan.h). Two knobs reach paths the small test
+// shapes would not: smem_limit (the router's 48 KiB bound, which picks 4 warps or 1 per block) and
+// counter_smem_limit (moe_permute's 32 KiB bound for per-chunk counters in shared memory, else in global
+// memory). No cub device-wide call is replaced:
 // the kernels' cub::BlockScan runs in the simulator (cuda_sim.h). The CUTLASS path of the
 // bf16 GEMMs is not simulated (its argument kernels are: sim_moe_cutlass_args.cpp); every dtype here
 // takes the SIMT kernels, as bf16 does on a GPU for shapes CUTLASS does not take.
@@ -14,6 +16,7 @@
 // clang-format off: the simulator must come first
 #include "../../csrc/cuda/moe/grouped_gemm.cuh"
 #include "../../csrc/cuda/moe/permute.cuh"
+#include "../../csrc/cuda/moe/plan.h"
 #include "../../csrc/cuda/moe/route.cuh"
 #include "../../csrc/cuda/moe/unpermute.cuh"
 // clang-format on
@@ -56,10 +59,6 @@ at::Tensor garbage(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   return t;
 }
 
-int launch_blocks(int64_t work_items, int64_t per_block, int64_t cap = int64_t{1} << 16) {
-  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(work_items, per_block), cap)));
-}
-
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
@@ -81,12 +80,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t> moe_route(const at::Tensor& logits, 
   at::Tensor topk_idx = garbage({N, topk}, logits.options().dtype(at::kInt));
   at::Tensor topk_w = garbage({N, topk}, logits.options().dtype(acc));
   const int64_t acc_bytes = acc == at::kDouble ? 8 : 4;
-  int warps = 4;
-  int64_t smem = n_group > 1 ? warps * n_group * acc_bytes : 0;
-  if (smem > smem_limit) {
-    warps = 1;
-    smem = n_group * acc_bytes;
-  }
+  const MoeRoutePlan plan = moe_route_plan(n_group, acc_bytes, smem_limit);
+  const int warps = plan.warps;
+  const int64_t smem = plan.smem;
   TORCH_CHECK_VALUE(smem <= smem_limit, "n_group=", n_group, " is too large for the CUDA router");
   if (N == 0) return {topk_idx, topk_w, warps};
   const int64_t blocks = ceil_div<int64_t>(N, warps);
@@ -130,7 +126,7 @@ at::Tensor route_scores(const at::Tensor& logits) {
 
 template <typename vec_t>
 void launch_copy_rows(const RowCopyParams& p) {
-  glm5_sim::launch(dim3(launch_blocks(p.rows, 8)), dim3(256), 0, [&] { permute_copy_rows_kernel<vec_t>(p); });
+  glm5_sim::launch(dim3(moe_launch_blocks(p.rows, 8)), dim3(256), 0, [&] { permute_copy_rows_kernel<vec_t>(p); });
 }
 
 // (x_sorted, row_map, offsets, counts, bytes per copy of the row copy kernel (0: no copy)).
@@ -169,9 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> moe_permute(
   p.offsets = offsets.data_ptr<int64_t>();
   p.row_map = row_map.data_ptr<int32_t>();
   p.src_token = src_token.data_ptr<int32_t>();
-  const int64_t counter_bytes = E * 4;
-  const bool use_smem = counter_bytes <= counter_smem_limit;
-  const size_t smem = use_smem ? static_cast<size_t>(counter_bytes) : 0;
+  const MoePermutePlan plan = moe_permute_plan(E, counter_smem_limit);
+  const bool use_smem = plan.use_smem;
+  const size_t smem = plan.smem;
   if (n_chunks > 0)
     glm5_sim::launch(dim3(unsigned(n_chunks)), dim3(32), smem, [&] { permute_count_kernel(p, use_smem); });
   glm5_sim::launch(dim3(1), dim3(kPermuteScanThreads), 0, [&] { permute_scan_kernel(p); });
@@ -185,20 +181,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> moe_permute(
   c.row_bytes = D * x.element_size();
   int64_t vec = 0;
   if (capacity > 0 && c.row_bytes > 0) {
-    const auto aligned = [&](int64_t a) {
-      return c.row_bytes % a == 0 && reinterpret_cast<uintptr_t>(c.x) % a == 0 &&
-             reinterpret_cast<uintptr_t>(c.x_sorted) % a == 0;
-    };
-    if (aligned(16)) {
-      launch_copy_rows<uint4>(c), vec = 16;
-    } else if (aligned(8)) {
-      launch_copy_rows<uint2>(c), vec = 8;
-    } else if (aligned(4)) {
-      launch_copy_rows<uint32_t>(c), vec = 4;
-    } else if (aligned(2)) {
-      launch_copy_rows<uint16_t>(c), vec = 2;
-    } else {
-      launch_copy_rows<uint8_t>(c), vec = 1;
+    const auto src = reinterpret_cast<uintptr_t>(c.x), dst = reinterpret_cast<uintptr_t>(c.x_sorted);
+    vec = moe_row_copy_width(c.row_bytes, src, dst);
+    switch (vec) {
+      case 16: launch_copy_rows<uint4>(c); break;
+      case 8: launch_copy_rows<uint2>(c); break;
+      case 4: launch_copy_rows<uint32_t>(c); break;
+      case 2: launch_copy_rows<uint16_t>(c); break;
+      default: launch_copy_rows<uint8_t>(c); break;
     }
   }
   return {x_sorted, row_map, offsets, counts, vec};
@@ -302,7 +292,7 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const int64_t m_tiles = ceil_div<int64_t>(M, kTileM) + E, n_tiles = ceil_div<int64_t>(Nout, kTileN);
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    glm5_sim::launch(dim3(launch_blocks(M, 8)), dim3(256), 0,
+    glm5_sim::launch(dim3(moe_launch_blocks(M, 8)), dim3(256), 0,
                      [&] { zero_outside_groups_kernel<T>(ptr<T>(y), M, Nout, start, end, static_cast<int32_t>(E)); });
     GroupedGemmParams<T> p{};
     p.x = ptr<T>(xc);

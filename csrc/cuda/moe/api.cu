@@ -30,6 +30,7 @@
 #include "../common/host_utils.h"
 #include "grouped_gemm.cuh"
 #include "permute.cuh"
+#include "plan.h"
 #include "route.cuh"
 #include "unpermute.cuh"
 
@@ -83,10 +84,6 @@ bool validate_values() {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
-int launch_blocks(int64_t work_items, int64_t per_block, int64_t cap = int64_t{1} << 16) {
-  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(work_items, per_block), cap)));
-}
-
 // ---- checks: glm5/moe_checks.h, shared with csrc/cpu/moe.cpp ---------------------------------------
 // Tensor values are checked (on the host, a synchronisation) only with GLM5_CUDA_VALIDATE.
 
@@ -119,14 +116,11 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
   if (N == 0) return {topk_idx, topk_w};
 
   const int64_t acc_bytes = acc == at::kDouble ? 8 : 4;
-  int warps = 4;
-  int64_t smem = n_group > 1 ? warps * n_group * acc_bytes : 0;
-  if (smem > 48 * 1024) {
-    warps = 1;
-    smem = n_group * acc_bytes;
-  }
-  TORCH_CHECK_VALUE(smem <= 48 * 1024, "n_group=", n_group, " is too large for the CUDA router (at most ",
-                    48 * 1024 / acc_bytes, ")");
+  const MoeRoutePlan plan = moe_route_plan(n_group, acc_bytes, kMoeRouteSmemLimit);
+  const int warps = plan.warps;
+  const int64_t smem = plan.smem;
+  TORCH_CHECK_VALUE(smem <= kMoeRouteSmemLimit, "n_group=", n_group, " is too large for the CUDA router (at most ",
+                    kMoeRouteSmemLimit / acc_bytes, ")");
   const int64_t blocks = ceil_div<int64_t>(N, warps);
   TORCH_CHECK(blocks < (int64_t{1} << 31), "moe_route: too many tokens for one launch: ", N);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -156,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
 
 template <typename vec_t>
 void launch_copy_rows(const RowCopyParams& p, cudaStream_t stream) {
-  permute_copy_rows_kernel<vec_t><<<launch_blocks(p.rows, 8), 256, 0, stream>>>(p);
+  permute_copy_rows_kernel<vec_t><<<moe_launch_blocks(p.rows, 8), 256, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -201,9 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
   p.offsets = offsets.data_ptr<int64_t>();
   p.row_map = row_map.data_ptr<int32_t>();
   p.src_token = src_token.data_ptr<int32_t>();
-  const int64_t counter_bytes = E * 4;
-  const bool use_smem = counter_bytes <= 32 * 1024;  // else the counters live in chunk_counts
-  const size_t smem = use_smem ? static_cast<size_t>(counter_bytes) : 0;
+  const MoePermutePlan plan = moe_permute_plan(E, kMoePermuteCounterSmemLimit);
+  const bool use_smem = plan.use_smem;  // else the counters live in chunk_counts
+  const size_t smem = plan.smem;
   TORCH_CHECK(n_chunks < (int64_t{1} << 31), "moe_permute: too many slots for one launch: ", L);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (n_chunks > 0) {
@@ -223,20 +217,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
   c.rows = capacity;
   c.row_bytes = D * x.element_size();
   if (capacity > 0 && c.row_bytes > 0) {
-    const auto aligned = [&](int64_t a) {
-      return c.row_bytes % a == 0 && reinterpret_cast<uintptr_t>(c.x) % a == 0 &&
-             reinterpret_cast<uintptr_t>(c.x_sorted) % a == 0;
-    };
-    if (aligned(16)) {
-      launch_copy_rows<uint4>(c, stream);
-    } else if (aligned(8)) {
-      launch_copy_rows<uint2>(c, stream);
-    } else if (aligned(4)) {
-      launch_copy_rows<uint32_t>(c, stream);
-    } else if (aligned(2)) {
-      launch_copy_rows<uint16_t>(c, stream);
-    } else {
-      launch_copy_rows<uint8_t>(c, stream);
+    const auto src = reinterpret_cast<uintptr_t>(c.x), dst = reinterpret_cast<uintptr_t>(c.x_sorted);
+    switch (moe_row_copy_width(c.row_bytes, src, dst)) {
+      case 16: launch_copy_rows<uint4>(c, stream); break;
+      case 8: launch_copy_rows<uint2>(c, stream); break;
+      case 4: launch_copy_rows<uint32_t>(c, stream); break;
+      case 2: launch_copy_rows<uint16_t>(c, stream); break;
+      default: launch_copy_rows<uint8_t>(c, stream); break;
     }
   }
   return {x_sorted, row_map, offsets};
@@ -367,7 +354,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
   const auto zero_outside = [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_gemm_zero", [&] {
       using T = typename Native<scalar_t>::type;
-      zero_outside_groups_kernel<T><<<launch_blocks(M, 8), 256, 0, stream>>>(native_ptr<scalar_t>(y), M, Nout,
+      zero_outside_groups_kernel<T><<<moe_launch_blocks(M, 8), 256, 0, stream>>>(native_ptr<scalar_t>(y), M, Nout,
                                                                              l.start(), l.end(), static_cast<int32_t>(E));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
