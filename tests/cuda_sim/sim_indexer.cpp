@@ -30,7 +30,7 @@ IndexerParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.ke = ke.data_ptr<int32_t>();
   p.T = q.size(0);
   p.S = int(k.size(0)), p.HI = int(q.size(1)), p.DI = int(q.size(2));
-  p.ldk = p.DI % 2 == 0 ? p.DI + 1 : p.DI;
+  p.ldk = odd_stride(p.DI);
   return p;
 }
 

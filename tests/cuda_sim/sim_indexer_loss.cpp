@@ -21,8 +21,6 @@ namespace {
 
 using namespace glm5::cuda;
 
-int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
-
 at::ScalarType acc_type(const at::Tensor& q_idx) {
   return q_idx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -44,6 +44,20 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
+// An odd row stride for shared-memory tiles of 4- or 8-byte elements: lanes reading one column of
+// consecutive rows hit distinct banks. (Host code uses it too: launch plans, strides in params.)
+__host__ __device__ constexpr int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
+
+// First position in the ascending a[0, n) whose value is >= v (the start of v's run after a sort).
+__device__ inline int64_t lower_bound_u32(const uint32_t* a, int64_t n, uint32_t v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (a[mid] < v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
 template <typename ct>
 __device__ __forceinline__ ct neg_inf() {
   return -static_cast<ct>(INFINITY);

@@ -1,5 +1,5 @@
 // Host-side helpers shared by the CUDA wrappers (api.cu, *_tc.cu): accumulation dtype, device limits,
-// the storage/compute dtype dispatch, alignment. ATen only; no device code.
+// the storage/compute dtype dispatch, alignment (odd_stride lives in device_utils.cuh). ATen only; no device code.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -8,14 +8,12 @@
 
 #include <cstdint>
 
+#include "device_utils.cuh"  // odd_stride
+
 namespace glm5::cuda {
 
 // fp32 accumulation for every float dtype but fp64.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// An odd row stride for shared-memory tiles of 4- or 8-byte elements: lanes reading one column of
-// consecutive rows hit distinct banks.
-inline int odd_stride(int n) { return n % 2 == 0 ? n + 1 : n; }
 
 // Dynamic shared memory a block may opt into on `device` (232448 bytes on an H100 / H200).
 inline size_t max_smem_optin(int device) {

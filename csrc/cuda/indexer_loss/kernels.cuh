@@ -464,15 +464,6 @@ __global__ void indexer_loss_slot_keys_kernel(const IndexerLossParams p, uint32_
   }
 }
 
-__device__ inline int64_t loss_lower_bound(const uint32_t* a, int64_t n, uint32_t v) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (a[mid] < v) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
 template <typename ct>
 __host__ __device__ inline size_t loss_dk_sparse_smem(const IndexerLossParams& p) {
   return 2 * sizeof(int64_t) + sizeof(ct) * (2 * size_t(p.DI) + size_t(p.HI) * p.DI + 2 * size_t(p.HI));
@@ -492,8 +483,8 @@ __global__ void __launch_bounds__(kLossReduceThreads) indexer_loss_bwd_dk_sparse
   ct* coef = wg + HI;                                      // [HI] G
   const int s = blockIdx.x;
   if (threadIdx.x == 0) {
-    range[0] = loss_lower_bound(p.sorted_keys, p.n, uint32_t(s));
-    range[1] = loss_lower_bound(p.sorted_keys, p.n, uint32_t(s) + 1u);
+    range[0] = lower_bound_u32(p.sorted_keys, p.n, uint32_t(s));
+    range[1] = lower_bound_u32(p.sorted_keys, p.n, uint32_t(s) + 1u);
   }
   __syncthreads();
   const int64_t e0 = range[0], e1 = range[1];

@@ -256,15 +256,6 @@ __global__ void sparse_mla_sort_keys_kernel(const int32_t* indices, int64_t n, i
   }
 }
 
-__device__ inline int64_t lower_bound_u32(const uint32_t* a, int64_t n, uint32_t v) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (a[mid] < v) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
 // dkv[s] += the rows of key s in (t, slot) order: one CTA per key, threads over columns.
 template <typename ct>
 __global__ void sparse_mla_reduce_kernel(const SparseMlaReduceParams p) {

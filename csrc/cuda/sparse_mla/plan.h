@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/device_utils.cuh"  // odd_stride
+
 namespace glm5::cuda {
 
 // Tiling of the CUDA-core (SIMT) kernels: hb heads x bk keys per step, odd row strides ld (D) and
@@ -19,15 +21,11 @@ struct SparseMlaSimtPlan {
   size_t smem;
 };
 
-// An odd row stride (n | 1 == odd_stride(n) of common/host_utils.h for n >= 0): lanes reading one
-// column of consecutive rows hit distinct banks.
-inline int sparse_mla_odd_stride(int n) { return n | 1; }
-
 // Forward: the largest tiling that fits, from 16 heads x 32 keys (~145 KB in fp32 at GLM-5 sizes);
 // bk halves down to 8 first, then hb down to 1. smem(hb, bk, ld, dv) is sparse_mla_fwd_smem<ct>.
 template <typename SmemFn>
 SparseMlaSimtPlan sparse_mla_fwd_plan(int H, int D, int dv, size_t limit, SmemFn&& smem) {
-  SparseMlaSimtPlan s{std::min(H, 16), 32, sparse_mla_odd_stride(D), 0, 0};
+  SparseMlaSimtPlan s{std::min(H, 16), 32, odd_stride(D), 0, 0};
   while (smem(s.hb, s.bk, s.ld, dv) > limit && (s.bk > 8 || s.hb > 1)) {
     if (s.bk > 8) s.bk /= 2;
     else s.hb = std::max(1, s.hb / 2);
@@ -40,7 +38,7 @@ SparseMlaSimtPlan sparse_mla_fwd_plan(int H, int D, int dv, size_t limit, SmemFn
 // smem(H, hb, bk, ld, ldv, D) is sparse_mla_bwd_smem<ct>.
 template <typename SmemFn>
 SparseMlaSimtPlan sparse_mla_bwd_plan(int H, int D, int dv, size_t limit, SmemFn&& smem) {
-  SparseMlaSimtPlan s{std::min(H, 16), 16, sparse_mla_odd_stride(D), sparse_mla_odd_stride(dv), 0};
+  SparseMlaSimtPlan s{std::min(H, 16), 16, odd_stride(D), odd_stride(dv), 0};
   while (smem(H, s.hb, s.bk, s.ld, s.ldv, D) > limit && (s.bk > 4 || s.hb > 1)) {
     if (s.bk > 4) s.bk /= 2;
     else s.hb = std::max(1, s.hb / 2);
