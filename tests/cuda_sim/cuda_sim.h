@@ -13,8 +13,9 @@
 // (device_utils.cuh), never `extern __shared__`; a `__shared__` variable in a kernel body becomes a
 // function-local static, which all threads of the CTA share (CTAs run one at a time, and each kernel
 // instantiation has its own). Besides the shuffles and mma: __syncwarp, __ballot_sync, __any_sync,
-// __match_any_sync, __popc, __ffs and cub::BlockScan's sums and scans (the kernel headers include cub
-// only outside the simulator). Not supported: atomics, threads that exit before a __syncthreads the others still reach,
+// __match_any_sync, __popc, __ffs, cub::BlockScan's sums and scans (the kernel headers include cub
+// only outside the simulator), and Hopper's wgmma from shared-memory descriptors (wgmma.cuh), which runs
+// when the issuing thread waits for it. Not supported: atomics, threads that exit before a __syncthreads the others still reach,
 // warp-divergent collectives (every lane of a warp must reach each collective; full masks only).
 #pragma once
 #define GLM5_CUDA_SIM 1
@@ -45,6 +46,9 @@
 
 #include <ucontext.h>
 
+#include "../../csrc/cuda/common/gmma_desc.h"  // wgmma's operand layouts (decoded by wgmma::mma below)
+#include "../../csrc/cuda/common/mma.cuh"      // kIsMmaType, pack2 (its PTX wrappers are replaced below)
+
 namespace glm5_sim {
 
 struct Slot {
@@ -73,6 +77,14 @@ struct Warp {
   std::array<Slot, 32> slot[2]{};  // collectives alternate between the two (see warp_exchange)
 };
 
+// One wgmma.mma_async a thread has issued: its accumulators, descriptors and shape (see wgmma::mma).
+struct WgmmaOp {
+  float* d;
+  uint64_t da, db;
+  int n;
+  bool trans_b, accumulate, bf16;
+};
+
 struct Cta {
   explicit Cta(int nthreads, size_t smem_bytes) : bar(nthreads), smem(smem_bytes + 128) {
     for (int w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
@@ -80,6 +92,7 @@ struct Cta {
   Barrier bar;
   int flag = 0;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<std::vector<WgmmaOp>> wgmma_log;  // per warpgroup: every wgmma as its first thread issued it
   std::vector<unsigned char> smem;
   unsigned char* smem_base() {  // 128-byte aligned, as CUDA's dynamic shared memory
     return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t(127));
@@ -92,6 +105,7 @@ struct Copy {
   bool valid;
 };
 
+
 // The running CUDA thread's state. The scheduler swaps each fiber's copy in and out of tctx around
 // every resume, so kernel code sees its own thread's values.
 struct ThreadCtx {
@@ -101,6 +115,9 @@ struct ThreadCtx {
   std::vector<Copy> open;                 // cp.async copies not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, in flight (oldest first)
   unsigned collectives = 0;               // warp collectives this thread has reached in the CTA
+  std::vector<WgmmaOp> wg_open;                // wgmma issued, not yet committed
+  std::vector<std::vector<WgmmaOp>> wg_groups; // committed batches in flight (oldest first)
+  size_t wg_issued = 0;                        // wgmma this thread has issued in the CTA
 };
 inline thread_local ThreadCtx tctx;
 
@@ -200,7 +217,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel) {
           progress = true;
         }
         if (f.done) {
-          if (!f.t.open.empty() || !f.t.groups.empty()) std::abort();  // copies never waited for
+          if (!f.t.open.empty() || !f.t.groups.empty()) std::abort();        // copies never waited for
+          if (!f.t.wg_open.empty() || !f.t.wg_groups.empty()) std::abort();  // wgmma never waited for
           ++finished;
         }
       }
@@ -439,5 +457,105 @@ inline void cp_async_wait() {
     t.groups.erase(t.groups.begin());
   }
 }
+
+
+// The shared-window address of a pointer into the CTA's shared memory. The simulated window puts the
+// dynamic shared memory at kSmemWindow, 128-byte but not 1024-byte aligned (the real base is not
+// promised to be either), so a kernel that needs 1024-byte-aligned tiles must align them by address.
+inline constexpr uint32_t kSmemWindow = 0x480;
+inline uint32_t smem_addr(const void* p) {
+  return uint32_t(static_cast<const unsigned char*>(p) - glm5_sim::tctx.cta->smem_base()) + kSmemWindow;
+}
+
+namespace wgmma {
+
+// wgmma.mma_async as a queued operation: it runs when the issuing thread's wait() retires its batch, for
+// that thread's accumulator registers only, reading both operands from shared memory as the descriptors
+// address them (gmma_desc.h: the PTX ISA's canonical layouts). So a kernel that reads its accumulators or
+// overwrites an operand before waiting sees the difference here too. Every thread of a warpgroup must
+// issue the same wgmma sequence (checked). fp32 products, summed in k order.
+template <typename T, int N, bool TransB>
+inline void mma(float (&d)[N / 2], uint64_t da, uint64_t db, bool accumulate) {
+  static_assert(kIsMmaType<T> && N % 8 == 0 && N >= 8 && N <= 256, "wgmma: m64nNk16, bf16 or fp16");
+  auto& t = glm5_sim::tctx;
+  auto& cta = *t.cta;
+  if (t.block_dim.x % 128 != 0) {
+    std::fprintf(stderr, "cuda_sim: wgmma in a block of %u threads (whole warpgroups only)\n", t.block_dim.x);
+    std::abort();
+  }
+  const glm5_sim::WgmmaOp op{d, da, db, N, TransB, accumulate, std::is_same_v<T, __nv_bfloat16>};
+  const size_t wg = t.thread.x / 128;
+  if (cta.wgmma_log.size() <= wg) cta.wgmma_log.resize(t.block_dim.x / 128);
+  auto& log = cta.wgmma_log[wg];
+  if (t.wg_issued == log.size()) {
+    log.push_back(op);
+  } else {
+    const auto& o = log[t.wg_issued];
+    if (o.da != da || o.db != db || o.n != N || o.trans_b != TransB || o.accumulate != accumulate || o.bf16 != op.bf16) {
+      std::fprintf(stderr, "cuda_sim: thread %u issued wgmma #%zu unlike its warpgroup\n", t.thread.x, t.wg_issued);
+      std::abort();
+    }
+  }
+  ++t.wg_issued;
+  t.wg_open.push_back(op);
+}
+
+inline void fence() {}
+inline void commit() {
+  auto& t = glm5_sim::tctx;
+  t.wg_groups.push_back(std::move(t.wg_open));
+  t.wg_open.clear();
+}
+
+inline float smem_value(uint32_t addr, bool bf16) {
+  const unsigned char* base = glm5_sim::tctx.cta->smem_base();
+  const auto& cta = *glm5_sim::tctx.cta;
+  if (addr < kSmemWindow || addr + 2 > kSmemWindow + cta.smem.size() - 128) {
+    std::fprintf(stderr, "cuda_sim: wgmma operand at shared address 0x%x outside the CTA's shared memory\n", addr);
+    std::abort();
+  }
+  uint16_t bits;
+  std::memcpy(&bits, base + (addr - kSmemWindow), 2);
+  return bf16 ? glm5_sim::to_float<__nv_bfloat16>(bits) : glm5_sim::to_float<__half>(bits);
+}
+
+inline void run(const glm5_sim::WgmmaOp& op) {
+  const gmma::Desc a = gmma::decode(op.da), b = gmma::decode(op.db);
+  for (const auto* d : {&a, &b}) {
+    if (d->layout != 1 || d->base_offset != 0) {
+      std::fprintf(stderr, "cuda_sim: wgmma descriptor not 128-byte swizzled with base offset 0\n");
+      std::abort();
+    }
+  }
+  const int tw = int(glm5_sim::tctx.thread.x) % 128, w = tw / 32, g = tw % 32 / 4, c = tw % 4;
+  float A[2][16];
+  for (int r = 0; r < 2; ++r)
+    for (int k = 0; k < 16; ++k) A[r][k] = smem_value(gmma::k_major_addr(a, 16 * w + g + 8 * r, k), op.bf16);
+  for (int i = 0; i < op.n / 8; ++i) {
+    for (int e = 0; e < 4; ++e) {
+      const int n = 8 * i + 2 * c + (e & 1);
+      float v = op.accumulate ? op.d[4 * i + e] : 0.f;
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t addr = op.trans_b ? gmma::mn_major_addr(b, k, n) : gmma::k_major_addr(b, n, k);
+        v += A[e >> 1][k] * smem_value(addr, op.bf16);
+      }
+      op.d[4 * i + e] = v;
+    }
+  }
+}
+
+template <int n>
+inline void wait() {
+  auto& t = glm5_sim::tctx;
+  while (t.wg_groups.size() > size_t(n)) {
+    for (const auto& op : t.wg_groups.front()) run(op);
+    t.wg_groups.erase(t.wg_groups.begin());
+  }
+}
+template <int R>
+inline void fence_operand(float (&)[R]) {}
+inline void fence_proxy_async() {}
+
+}  // namespace wgmma
 
 }  // namespace glm5::cuda

@@ -2,7 +2,8 @@
 // Same checks and error messages as the CPU path (csrc/cpu/sparse_mla.cpp), with one documented
 // difference: index VALUES are not range-checked on the host (that would sync the stream); a
 // slot outside [-1, S) is treated like -1 (skipped), and never read out of bounds.
-// bf16/fp16 forwards with D % 16 == 0 and d_v % 32 == 0 run on tensor cores (fwd_tc.cu); the rest,
+// bf16/fp16 forwards with D % 64 == 0 and d_v in {128, 512} run on Hopper's warpgroup MMA (fwd_wgmma.cu),
+// other ones with D % 16 == 0 and d_v % 32 == 0 on mma.sync tensor cores (fwd_tc.cu); the rest,
 // and every dtype when GLM5_SPARSE_MLA_SIMT=1, on the CUDA-core kernels of kernels.cuh. Likewise the
 // backward's per-query kernel for D % 16 == 0 and d_v % 16 == 0 (bwd_tc.cu); its sort and reduction are shared.
 // Status: compiled for sm_90a, not yet verified on a GPU.
@@ -22,6 +23,7 @@
 #include "../common/host_utils.h"
 #include "bwd_tc.h"
 #include "fwd_tc.h"
+#include "fwd_wgmma.h"
 #include "kernels.cuh"
 #include "plan.h"
 
@@ -50,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q_in, c
   at::Tensor out = at::empty({dm.T, dm.H, d_v}, q.options());
   at::Tensor lse = at::empty({dm.T, dm.H}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
-  if (sparse_mla_fwd_tc(q, kv, indices, sm_scale, out, lse)) return {out, lse};  // bf16/fp16 fast path
+  // bf16/fp16 fast paths: warpgroup MMA on Hopper for the GLM-5 shapes, mma.sync for the rest.
+  if (sparse_mla_fwd_wgmma(q, kv, indices, sm_scale, out, lse)) return {out, lse};
+  if (sparse_mla_fwd_tc(q, kv, indices, sm_scale, out, lse)) return {out, lse};
   const size_t limit = max_smem_optin(q.get_device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(q.scalar_type(), "sparse_mla_fwd", [&](auto t_tag, auto c_tag) {

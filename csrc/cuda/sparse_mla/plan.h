@@ -70,4 +70,20 @@ decltype(auto) sparse_mla_with_mt(int mt, F&& f) {
   }
 }
 
+// Warpgroup-MMA forward (fwd_wgmma_kernel.cuh): the O columns per warpgroup (d_v / 2) when the shapes
+// fit it, else 0: D % 64 == 0, d_v in {128, 512} (the instantiated widths), d_v <= D, and its shared
+// memory smem(D) (sparse_mla_wgmma::smem_bytes) within the limit.
+template <typename SmemFn>
+int sparse_mla_fwd_wgmma_nv(int64_t D, int64_t dv, size_t limit, SmemFn&& smem) {
+  if (D <= 0 || D % 64 != 0 || dv > D || (dv != 128 && dv != 512)) return 0;
+  return smem(int(D)) <= limit ? int(dv / 2) : 0;
+}
+
+// Calls f(std::integral_constant<int, NV>{}) for nv = 64 or 256 (the instantiations).
+template <typename F>
+decltype(auto) sparse_mla_with_nv(int nv, F&& f) {
+  if (nv == 64) return f(std::integral_constant<int, 64>{});
+  return f(std::integral_constant<int, 256>{});
+}
+
 }  // namespace glm5::cuda
