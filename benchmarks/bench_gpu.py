@@ -347,6 +347,23 @@ def _mla_inputs(sh: dict):
 SM_SCALE = 256**-0.5  # GLM-5: qk head dim 256 in the MHA form, the same scale in the absorbed form
 
 
+def with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with the environment variable `name` set to value (the kernels read their knobs per call)."""
+
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+    return run
+
+
 def bench_sparse_mla_fwd(cfg: Cfg, ref) -> list[dict]:
     sh = _mla_shape(cfg)
     T, S, H, K, DQK, DV = sh["T"], sh["S"], sh["H"], sh["K"], sh["d_qk"], sh["d_v"]
@@ -355,15 +372,21 @@ def bench_sparse_mla_fwd(cfg: Cfg, ref) -> list[dict]:
     step_bf16 = chunk_rows(T, K * DQK * 2 + 2 * H * K * 4)
     step_ref = chunk_rows(T, K * DQK * 4 + 3 * H * K * 4)
     fwd = lambda: torch.ops.glm5.sparse_mla_fwd(q, kv, idx, SM_SCALE, DV)  # noqa: E731
+    # The same op on its mma.sync kernel (the wgmma one switched off), for the side-by-side figure.
+    fwd_mma_sync = with_env("GLM5_SPARSE_MLA_WGMMA", "0", fwd)
 
     n = min(T, 128)
 
     def check():
         out, lse = torch.ops.glm5.sparse_mla_fwd(q[:n], kv, idx[:n], SM_SCALE, DV)
+        m_out, m_lse = with_env("GLM5_SPARSE_MLA_WGMMA", "0",
+                                lambda: torch.ops.glm5.sparse_mla_fwd(q[:n], kv, idx[:n], SM_SCALE, DV))()
         r_out, r_lse = ref.sparse_mla(q[:n], kv, idx[:n], SM_SCALE, DV)  # fp32 math on bf16 values
         b_out, _ = torch_sparse_mla_fwd(q[:n], kv, idx[:n], SM_SCALE, DV, n)
+        mma = close("out", m_out, r_out, 2e-2)
         return {**close("out", out, r_out, 2e-2), **close("lse", lse, r_lse, 1e-3),
-                "baseline_out_rel_err": rel_err(b_out, r_out), "rows_checked": n}
+                "mma_sync_out_rel_err": rel_err(m_out, r_out), "mma_sync_lse_rel_err": rel_err(m_lse, r_lse),
+                "mma_sync_ok": mma["out_ok"], "baseline_out_rel_err": rel_err(b_out, r_out), "rows_checked": n}
 
     chk = run_check(check)
 
@@ -371,8 +394,8 @@ def bench_sparse_mla_fwd(cfg: Cfg, ref) -> list[dict]:
         for t0 in range(0, T, step_ref):
             ref.sparse_mla(q[t0:t0 + step_ref], kv, idx[t0:t0 + step_ref], SM_SCALE, DV)
 
-    ms, errors = time_group({"glm5": fwd, "torch_bf16": lambda: torch_sparse_mla_fwd(q, kv, idx, SM_SCALE, DV, step_bf16)},
-                            cfg)
+    ms, errors = time_group({"glm5": fwd, "glm5_mma_sync": fwd_mma_sync,
+                             "torch_bf16": lambda: torch_sparse_mla_fwd(q, kv, idx, SM_SCALE, DV, step_bf16)}, cfg)
     m2, e2 = time_group({"reference_fp32": reference_chunked}, cfg, slow=True)
     ms.update(m2)
     errors.update(e2)
@@ -407,8 +430,10 @@ def bench_sparse_mla_fwd(cfg: Cfg, ref) -> list[dict]:
         errors["dense_sdpa"] = dense_err
 
     row = make_row("sparse_mla_fwd", f"T={T} S={S} H={H} K={K}", sh, flops, "2*T*H*K*(d_qk+d_v)", ms, errors,
-                   "torch_bf16", ["reference_fp32", "dense_sdpa"], chk)
+                   "torch_bf16", ["glm5_mma_sync", "reference_fp32", "dense_sdpa"], chk)
     for o in row["others"]:
+        if o["name"] == "glm5_mma_sync":
+            o["note"] = "the same op with GLM5_SPARSE_MLA_WGMMA=0: the mma.sync kernel (fwd_tc_kernel.cuh)"
         if o["name"] == "dense_sdpa":  # its own FLOPs: every causal pair, MHA form
             o["tflops"] = tflops(dense_flops, o["ms"])
             o["flops"] = dense_flops
