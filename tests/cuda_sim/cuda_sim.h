@@ -82,7 +82,7 @@ struct WgmmaOp {
   float* d;
   uint64_t da, db;
   int n;
-  bool trans_b, accumulate, bf16;
+  bool trans_a, trans_b, accumulate, bf16;
 };
 
 struct Cta {
@@ -474,7 +474,7 @@ namespace wgmma {
 // address them (gmma_desc.h: the PTX ISA's canonical layouts). So a kernel that reads its accumulators or
 // overwrites an operand before waiting sees the difference here too. Every thread of a warpgroup must
 // issue the same wgmma sequence (checked). fp32 products, summed in k order.
-template <typename T, int N, bool TransB>
+template <typename T, int N, bool TransB, bool TransA = false>
 inline void mma(float (&d)[N / 2], uint64_t da, uint64_t db, bool accumulate) {
   static_assert(kIsMmaType<T> && N % 8 == 0 && N >= 8 && N <= 256, "wgmma: m64nNk16, bf16 or fp16");
   auto& t = glm5_sim::tctx;
@@ -483,7 +483,7 @@ inline void mma(float (&d)[N / 2], uint64_t da, uint64_t db, bool accumulate) {
     std::fprintf(stderr, "cuda_sim: wgmma in a block of %u threads (whole warpgroups only)\n", t.block_dim.x);
     std::abort();
   }
-  const glm5_sim::WgmmaOp op{d, da, db, N, TransB, accumulate, std::is_same_v<T, __nv_bfloat16>};
+  const glm5_sim::WgmmaOp op{d, da, db, N, TransA, TransB, accumulate, std::is_same_v<T, __nv_bfloat16>};
   const size_t wg = t.thread.x / 128;
   if (cta.wgmma_log.size() <= wg) cta.wgmma_log.resize(t.block_dim.x / 128);
   auto& log = cta.wgmma_log[wg];
@@ -491,7 +491,8 @@ inline void mma(float (&d)[N / 2], uint64_t da, uint64_t db, bool accumulate) {
     log.push_back(op);
   } else {
     const auto& o = log[t.wg_issued];
-    if (o.da != da || o.db != db || o.n != N || o.trans_b != TransB || o.accumulate != accumulate || o.bf16 != op.bf16) {
+    if (o.da != da || o.db != db || o.n != N || o.trans_a != TransA || o.trans_b != TransB ||
+        o.accumulate != accumulate || o.bf16 != op.bf16) {
       std::fprintf(stderr, "cuda_sim: thread %u issued wgmma #%zu unlike its warpgroup\n", t.thread.x, t.wg_issued);
       std::abort();
     }
@@ -530,7 +531,10 @@ inline void run(const glm5_sim::WgmmaOp& op) {
   const int tw = int(glm5_sim::tctx.thread.x) % 128, w = tw / 32, g = tw % 32 / 4, c = tw % 4;
   float A[2][16];
   for (int r = 0; r < 2; ++r)
-    for (int k = 0; k < 16; ++k) A[r][k] = smem_value(gmma::k_major_addr(a, 16 * w + g + 8 * r, k), op.bf16);
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t m = 16 * w + g + 8 * r;
+      A[r][k] = smem_value(op.trans_a ? gmma::mn_major_addr(a, k, m) : gmma::k_major_addr(a, m, k), op.bf16);
+    }
   for (int i = 0; i < op.n / 8; ++i) {
     for (int e = 0; e < 4; ++e) {
       const int n = 8 * i + 2 * c + (e & 1);

@@ -74,6 +74,12 @@ def check(sim, case: Case, dtype: torch.dtype, indices=None, t0: int = 0, t1: in
     t1 = case.T if t1 is None else t1
     x, g, dout, out, lse = kernel_inputs(case, dtype, indices)
     dq, rows, _ = sim.sparse_mla_bwd_tc(dout, *x[:3], out, lse, x[3], x[4], t0, t1, H100_SMEM, mt)
+    check_raw(case, x, dout, out, lse, dq, rows, t0, t1)
+    return x, g, dq, rows
+
+
+def check_raw(case: Case, x: tuple, dout, out, lse, dq: torch.Tensor, rows: torch.Tensor, t0: int, t1: int):
+    """A backward kernel's raw dq and rows for the chunk [t0, t1) against expected() (see the docstring)."""
     want_dq, want_rows = expected(x, dout, out, lse)
     idx = x[2]
     valid = ((idx >= 0) & (idx < case.S))[t0:t1].reshape(-1)
@@ -90,7 +96,6 @@ def check(sim, case: Case, dtype: torch.dtype, indices=None, t0: int = 0, t1: in
         top = float(want.abs().max()) if want.numel() else 0.0
         err = float((got.double() - want).abs().max()) if want.numel() else 0.0
         assert err <= 1e-3 * max(top, 1e-30), f"{name}: max error {err:.3e} against max |value| {top:.3e}"
-    return x, g, dq, rows
 
 
 def contract(case: Case, dtype: torch.dtype, x: tuple, g: torch.Tensor, dq: torch.Tensor, rows: torch.Tensor):

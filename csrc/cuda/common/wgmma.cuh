@@ -31,20 +31,21 @@ namespace glm5::cuda::wgmma {
 namespace detail {
 using cute::SM90::GMMA::Major;
 
-template <typename T, int N, Major MB>
+template <typename T, int N, Major MA, Major MB>
 struct Atom;
-#define GLM5_WGMMA_ATOM(N)                                                      \
-  template <Major MB>                                                           \
-  struct Atom<__nv_bfloat16, N, MB> {                                           \
-    using type = cute::SM90::GMMA::MMA_64x##N##x16_F32BF16BF16_SS<Major::K, MB>; \
-  };                                                                            \
-  template <Major MB>                                                           \
-  struct Atom<__half, N, MB> {                                                  \
-    using type = cute::SM90::GMMA::MMA_64x##N##x16_F32F16F16_SS<Major::K, MB>;   \
+#define GLM5_WGMMA_ATOM(N)                                                 \
+  template <Major MA, Major MB>                                            \
+  struct Atom<__nv_bfloat16, N, MA, MB> {                                  \
+    using type = cute::SM90::GMMA::MMA_64x##N##x16_F32BF16BF16_SS<MA, MB>; \
+  };                                                                       \
+  template <Major MA, Major MB>                                            \
+  struct Atom<__half, N, MA, MB> {                                         \
+    using type = cute::SM90::GMMA::MMA_64x##N##x16_F32F16F16_SS<MA, MB>;   \
   };
 GLM5_WGMMA_ATOM(32)
 GLM5_WGMMA_ATOM(64)
 GLM5_WGMMA_ATOM(128)
+GLM5_WGMMA_ATOM(192)
 GLM5_WGMMA_ATOM(256)
 #undef GLM5_WGMMA_ATOM
 
@@ -55,12 +56,14 @@ __device__ __forceinline__ void fma(float (&d)[R], uint64_t da, uint64_t db, boo
 }
 }  // namespace detail
 
-// d (+)= A B: A K-major at da; B K-major (TransB false: B^T's rows are N) or MN-major (TransB true) at db;
-// accumulate false ignores d's old values.
-template <typename T, int N, bool TransB>
+// d (+)= A B: B K-major (TransB false: B^T's N rows) or MN-major (TransB true: B's 16 k rows) at db; A
+// K-major (its 64 rows) or MN-major (TransA true: A^T's 16 rows of 64) at da; accumulate false ignores
+// d's old values.
+template <typename T, int N, bool TransB, bool TransA = false>
 __device__ __forceinline__ void mma(float (&d)[N / 2], uint64_t da, uint64_t db, bool accumulate) {
   static_assert(kIsMmaType<T>, "wgmma: bf16 or fp16 only");
-  using Op = typename detail::Atom<T, N, TransB ? detail::Major::MN : detail::Major::K>::type;
+  using Op = typename detail::Atom<T, N, TransA ? detail::Major::MN : detail::Major::K,
+                                   TransB ? detail::Major::MN : detail::Major::K>::type;
   detail::fma<Op>(d, da, db, accumulate, std::make_index_sequence<N / 2>{});
 }
 

@@ -177,6 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_fwd_wgmma_kernel(const
     __syncthreads();  // P of both warpgroups is in shared memory
 
     // O[:, wg NV ..] += P V: 16 keys a step; V's columns w NV .. are column blocks of the key tile.
+    wgmma::fence_operand(o);
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
