@@ -42,6 +42,7 @@ struct Atom;
   struct Atom<__half, N, MA, MB> {                                         \
     using type = cute::SM90::GMMA::MMA_64x##N##x16_F32F16F16_SS<MA, MB>;   \
   };
+GLM5_WGMMA_ATOM(16)
 GLM5_WGMMA_ATOM(32)
 GLM5_WGMMA_ATOM(64)
 GLM5_WGMMA_ATOM(128)

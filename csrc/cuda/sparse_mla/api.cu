@@ -5,7 +5,8 @@
 // bf16/fp16 forwards with D % 64 == 0 and d_v in {128, 512} run on Hopper's warpgroup MMA (fwd_wgmma.cu),
 // other ones with D % 16 == 0 and d_v % 32 == 0 on mma.sync tensor cores (fwd_tc.cu); the rest,
 // and every dtype when GLM5_SPARSE_MLA_SIMT=1, on the CUDA-core kernels of kernels.cuh. Likewise the
-// backward's per-query kernel for D % 16 == 0 and d_v % 16 == 0 (bwd_tc.cu); its sort and reduction are shared.
+// backward's per-query kernel: wgmma for D 192 / 576 with d_v % 64 == 0 (bwd_wgmma.cu), mma.sync for
+// D % 16 == 0 and d_v % 16 == 0 (bwd_tc.cu); its sort and reduction are shared.
 // Status: compiled for sm_90a, not yet verified on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -22,6 +23,7 @@
 #include "glm5/sparse_mla_checks.h"
 #include "../common/host_utils.h"
 #include "bwd_tc.h"
+#include "bwd_wgmma.h"
 #include "fwd_tc.h"
 #include "fwd_wgmma.h"
 #include "kernels.cuh"
@@ -151,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_contiguous(const at::Tensor& g
     for (int64_t c0 = 0; c0 < dm.T; c0 += chunk) {
       const int64_t c1 = std::min(dm.T, c0 + chunk), n = (c1 - c0) * dm.K;
       p.t0 = c0, p.t1 = c1;
-      if (!sparse_mla_bwd_tc(p, q.scalar_type(), stream)) {  // tensor cores when supported (bwd_tc.h)
+      // Tensor cores when supported: wgmma (bwd_wgmma.h), else mma.sync (bwd_tc.h).
+      if (!sparse_mla_bwd_wgmma(p, q.scalar_type(), stream) && !sparse_mla_bwd_tc(p, q.scalar_type(), stream)) {
         kernel<<<unsigned(c1 - c0), kSparseMlaThreads, smem, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

@@ -86,4 +86,20 @@ decltype(auto) sparse_mla_with_nv(int nv, F&& f) {
   return f(std::integral_constant<int, 256>{});
 }
 
+// Warpgroup-MMA backward (bwd_wgmma_kernel.cuh): D / 64 when the shapes fit it, else 0: D 192 or 576
+// (the instantiations), d_v % 64 == 0 with 0 < d_v <= D, and its shared memory smem(D, d_v)
+// (sparse_mla_wgmma_bwd::Layout(D, d_v).bytes) within the limit.
+template <typename SmemFn>
+int sparse_mla_bwd_wgmma_ncb(int64_t D, int64_t dv, size_t limit, SmemFn&& smem) {
+  if ((D != 192 && D != 576) || dv <= 0 || dv % 64 != 0 || dv > D) return 0;
+  return smem(int(D), int(dv)) <= limit ? int(D / 64) : 0;
+}
+
+// Calls f(std::integral_constant<int, NCB>{}) for ncb = 3 or 9 (the instantiations).
+template <typename F>
+decltype(auto) sparse_mla_with_ncb(int ncb, F&& f) {
+  if (ncb == 3) return f(std::integral_constant<int, 3>{});
+  return f(std::integral_constant<int, 9>{});
+}
+
 }  // namespace glm5::cuda
