@@ -465,19 +465,27 @@ def bench_sparse_mla_bwd(cfg: Cfg, ref) -> list[dict]:
         r_out, r_lse = ref.sparse_mla(qf, kvf, idx[:n], SM_SCALE, DV)
         r_out.backward(dout[:n].float())
         o16 = r_out.detach().to(BF16)
-        dq, dkv = torch.ops.glm5.sparse_mla_bwd(dout[:n], q[:n], kv, idx[:n], o16, r_lse.detach(), SM_SCALE, DV)
+        bwd = lambda: torch.ops.glm5.sparse_mla_bwd(dout[:n], q[:n], kv, idx[:n], o16, r_lse.detach(),  # noqa: E731
+                                                    SM_SCALE, DV)
+        dq, dkv = bwd()
+        mdq, mdkv = with_env("GLM5_SPARSE_MLA_WGMMA", "0", bwd)()
         bdq, bdkv = torch_sparse_mla_bwd(dout[:n], q[:n], kv, idx[:n], o16, r_lse.detach(), SM_SCALE, DV, n)
         return {**close("dq", dq, qf.grad, 2e-2), **close("dkv", dkv, kvf.grad, 2e-2),
+                **{f"mma_sync_{k}": v for k, v in {**close("dq", mdq, qf.grad, 2e-2),
+                                                    **close("dkv", mdkv, kvf.grad, 2e-2)}.items()},
                 "baseline_dq_rel_err": rel_err(bdq, qf.grad), "baseline_dkv_rel_err": rel_err(bdkv, kvf.grad),
                 "rows_checked": n}
 
     chk = run_check(check)
+    bwd_full = lambda: torch.ops.glm5.sparse_mla_bwd(dout, q, kv, idx, out, lse, SM_SCALE, DV)  # noqa: E731
     ms, errors = time_group({
-        "glm5": lambda: torch.ops.glm5.sparse_mla_bwd(dout, q, kv, idx, out, lse, SM_SCALE, DV),
+        "glm5": bwd_full,
+        "glm5_mma_sync": with_env("GLM5_SPARSE_MLA_WGMMA", "0", bwd_full),
         "torch_bf16": lambda: torch_sparse_mla_bwd(dout, q, kv, idx, out, lse, SM_SCALE, DV, step_bwd),
     }, cfg)
     row = make_row("sparse_mla_bwd", f"T={T} S={S} H={H} K={K}", sh, flops, "2*T*H*K*(3*d_qk+2*d_v)", ms, errors,
-                   "torch_bf16", [], chk)
+                   "torch_bf16", ["glm5_mma_sync"], chk)
+    row["others"][0]["note"] = "the same op with GLM5_SPARSE_MLA_WGMMA=0: the mma.sync kernel (bwd_tc_kernel.cuh)"
     row["baseline_note"] = "torch: the same backward with gather + bf16 bmm, fp32 softmax and fp32 index_add_ for dkv"
     return [row]
 
