@@ -13,7 +13,8 @@
 // Descriptor fields (PTX ISA "matrix descriptor"; CuTe's GmmaDescriptor): start address >> 4 in bits
 // [0, 14), leading byte offset >> 4 in [16, 30), stride byte offset >> 4 in [32, 46), base offset 0, and
 // the layout type in [62, 64) (1 = 128-byte swizzle). In these layouts SBO is the step between 8-row
-// groups (1024 bytes) and LBO is unused (1) when K-major, the step between 64-column blocks when MN-major.
+// groups (1024 bytes) and LBO is unused (1) when K-major, the step between 64-column blocks when MN-major
+// (not read when the operand is a single block).
 #pragma once
 #include <cuda_runtime.h>  // __host__ / __device__
 
