@@ -18,8 +18,9 @@
 //      over the block's 32 keys; the rope block (the last) is split by keys instead: each warpgroup
 //      keeps a partial sum over its 16 keys, added in a fixed order when the group ends.
 //   3. dk^T of column block cb (64 columns x this warpgroup's 16 keys) = Q^T dS^T (+ dO^T P^T while
-//      cb < d_v / 64), A = Q^T / dO^T read MN-major from the [head][col] tiles; written to (first head
-//      group) or added to (later ones, same thread, fixed order) the rows of the valid slots.
+//      cb < d_v / 64), A = Q^T / dO^T read MN-major from the [head][col] tiles, two blocks' chains in
+//      flight; written to (first head group) or added to (later ones, same thread, fixed order) the
+//      rows of the valid slots.
 //
 // Every operand is a canonical 128-byte-swizzled layout of gmma_desc.h (K-major, or MN-major with whole
 // 64-column blocks), 1024-byte aligned (the dynamic shared memory is over-allocated by 1 KB and aligned
@@ -221,36 +222,45 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_bwd_wgmma_kernel(const
                                 gmma::desc_mn_major(kw_addr + (NCB - 1) * kKeyBlock, kKeyBlock), true);
         wgmma::commit();
 
-        // 3. dk^T per column block over this warpgroup's keys; acc[4 i + e] = dk[key 16 wg + 8 i + 2 c + e % 2]
+        // 3. dk^T per column block over this warpgroup's keys, two chains in flight: chain cb is issued
+        //    before chain cb - 1's rows are written. acc[cb % 2][4 i + e] = dk[key 16 wg + 8 i + 2 c + e % 2]
         //    [column 64 cb + 16 wq + g + 8 (e / 2)].
         const bool add = h0 > 0;  // later head groups add to the rows the first group wrote
-        for (int cb = 0; cb < NCB; ++cb) {
-          float acc[8];
+        float acc[2][8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-          wgmma::fence_operand(acc);
-          wgmma::fence();
+        for (int cb = 0; cb <= NCB; ++cb) {
+          if (cb < NCB) {
+            float(&a)[8] = acc[cb & 1];
 #pragma unroll
-          for (int ks = 0; ks < kHeads / 16; ++ks)
-            wgmma::mma<T, 16, false, true>(
-                acc, gmma::desc_mn_major(q_addr + cb * kHeadBlock + ks * 16 * gmma::kRowBytes, kHeadBlock),
-                gmma::desc_k_major(dst_addr + wg * 16 * gmma::kRowBytes + ks * 32), true);
-          if (cb < nvb) {
+            for (int e = 0; e < 8; ++e) a[e] = 0.f;
+            wgmma::fence_operand(a);
+            wgmma::fence();
 #pragma unroll
             for (int ks = 0; ks < kHeads / 16; ++ks)
               wgmma::mma<T, 16, false, true>(
-                  acc, gmma::desc_mn_major(do_addr + cb * kHeadBlock + ks * 16 * gmma::kRowBytes, kHeadBlock),
-                  gmma::desc_k_major(pt_addr + wg * 16 * gmma::kRowBytes + ks * 32), true);
-          }
-          wgmma::commit();
-          wgmma::wait<0>();
-          wgmma::fence_operand(acc);
+                  a, gmma::desc_mn_major(q_addr + cb * kHeadBlock + ks * 16 * gmma::kRowBytes, kHeadBlock),
+                  gmma::desc_k_major(dst_addr + wg * 16 * gmma::kRowBytes + ks * 32), true);
+            if (cb < nvb) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const int key = 16 * wg + 8 * (e >> 2) + 2 * c + (e & 1);
-            if (keys[key] < 0) continue;
-            float* dst = rows + int64_t(k0 + key) * D + 64 * cb + 16 * wq + g + 8 * ((e >> 1) & 1);
-            *dst = add ? *dst + acc[e] : acc[e];
+              for (int ks = 0; ks < kHeads / 16; ++ks)
+                wgmma::mma<T, 16, false, true>(
+                    a, gmma::desc_mn_major(do_addr + cb * kHeadBlock + ks * 16 * gmma::kRowBytes, kHeadBlock),
+                    gmma::desc_k_major(pt_addr + wg * 16 * gmma::kRowBytes + ks * 32), true);
+            }
+            wgmma::commit();
+          }
+          if (cb > 0) {
+            if (cb < NCB) wgmma::wait<1>();  // chain cb - 1 (and the dq batch) done, chain cb may run on
+            else wgmma::wait<0>();
+            float(&a)[8] = acc[(cb - 1) & 1];
+            wgmma::fence_operand(a);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              const int key = 16 * wg + 8 * (e >> 2) + 2 * c + (e & 1);
+              if (keys[key] < 0) continue;
+              float* dst = rows + int64_t(k0 + key) * D + 64 * (cb - 1) + 16 * wq + g + 8 * ((e >> 1) & 1);
+              *dst = add ? *dst + a[e] : a[e];
+            }
           }
         }
         wgmma::wait<0>();
