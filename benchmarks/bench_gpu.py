@@ -373,13 +373,13 @@ def bench_sparse_mla_fwd(cfg: Cfg, ref) -> list[dict]:
     step_ref = chunk_rows(T, K * DQK * 4 + 3 * H * K * 4)
     fwd = lambda: torch.ops.glm5.sparse_mla_fwd(q, kv, idx, SM_SCALE, DV)  # noqa: E731
     # The same op on its mma.sync kernel (the wgmma one switched off), for the side-by-side figure.
-    fwd_mma_sync = with_env("GLM5_SPARSE_MLA_WGMMA", "0", fwd)
+    fwd_mma_sync = with_env("GLM5_WGMMA", "0", fwd)
 
     n = min(T, 128)
 
     def check():
         out, lse = torch.ops.glm5.sparse_mla_fwd(q[:n], kv, idx[:n], SM_SCALE, DV)
-        m_out, m_lse = with_env("GLM5_SPARSE_MLA_WGMMA", "0",
+        m_out, m_lse = with_env("GLM5_WGMMA", "0",
                                 lambda: torch.ops.glm5.sparse_mla_fwd(q[:n], kv, idx[:n], SM_SCALE, DV))()
         r_out, r_lse = ref.sparse_mla(q[:n], kv, idx[:n], SM_SCALE, DV)  # fp32 math on bf16 values
         b_out, _ = torch_sparse_mla_fwd(q[:n], kv, idx[:n], SM_SCALE, DV, n)
@@ -433,7 +433,7 @@ def bench_sparse_mla_fwd(cfg: Cfg, ref) -> list[dict]:
                    "torch_bf16", ["glm5_mma_sync", "reference_fp32", "dense_sdpa"], chk)
     for o in row["others"]:
         if o["name"] == "glm5_mma_sync":
-            o["note"] = "the same op with GLM5_SPARSE_MLA_WGMMA=0: the mma.sync kernel (fwd_tc_kernel.cuh)"
+            o["note"] = "the same op with GLM5_WGMMA=0: the mma.sync kernel (fwd_tc_kernel.cuh)"
         if o["name"] == "dense_sdpa":  # its own FLOPs: every causal pair, MHA form
             o["tflops"] = tflops(dense_flops, o["ms"])
             o["flops"] = dense_flops
@@ -468,7 +468,7 @@ def bench_sparse_mla_bwd(cfg: Cfg, ref) -> list[dict]:
         bwd = lambda: torch.ops.glm5.sparse_mla_bwd(dout[:n], q[:n], kv, idx[:n], o16, r_lse.detach(),  # noqa: E731
                                                     SM_SCALE, DV)
         dq, dkv = bwd()
-        mdq, mdkv = with_env("GLM5_SPARSE_MLA_WGMMA", "0", bwd)()
+        mdq, mdkv = with_env("GLM5_WGMMA", "0", bwd)()
         bdq, bdkv = torch_sparse_mla_bwd(dout[:n], q[:n], kv, idx[:n], o16, r_lse.detach(), SM_SCALE, DV, n)
         return {**close("dq", dq, qf.grad, 2e-2), **close("dkv", dkv, kvf.grad, 2e-2),
                 **{f"mma_sync_{k}": v for k, v in {**close("dq", mdq, qf.grad, 2e-2),
@@ -480,12 +480,12 @@ def bench_sparse_mla_bwd(cfg: Cfg, ref) -> list[dict]:
     bwd_full = lambda: torch.ops.glm5.sparse_mla_bwd(dout, q, kv, idx, out, lse, SM_SCALE, DV)  # noqa: E731
     ms, errors = time_group({
         "glm5": bwd_full,
-        "glm5_mma_sync": with_env("GLM5_SPARSE_MLA_WGMMA", "0", bwd_full),
+        "glm5_mma_sync": with_env("GLM5_WGMMA", "0", bwd_full),
         "torch_bf16": lambda: torch_sparse_mla_bwd(dout, q, kv, idx, out, lse, SM_SCALE, DV, step_bwd),
     }, cfg)
     row = make_row("sparse_mla_bwd", f"T={T} S={S} H={H} K={K}", sh, flops, "2*T*H*K*(3*d_qk+2*d_v)", ms, errors,
                    "torch_bf16", ["glm5_mma_sync"], chk)
-    row["others"][0]["note"] = "the same op with GLM5_SPARSE_MLA_WGMMA=0: the mma.sync kernel (bwd_tc_kernel.cuh)"
+    row["others"][0]["note"] = "the same op with GLM5_WGMMA=0: the mma.sync kernel (bwd_tc_kernel.cuh)"
     row["baseline_note"] = "torch: the same backward with gather + bf16 bmm, fp32 softmax and fp32 index_add_ for dkv"
     return [row]
 

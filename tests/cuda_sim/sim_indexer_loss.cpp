@@ -2,11 +2,14 @@
 // Python for test_sim_indexer_loss.py. The bindings mirror the host launcher (csrc/cuda/indexer_loss/api.cu):
 // same parameter block, input conversions, tiling search (loss_pick_tiling), grids, blocks and sort chunking.
 // The one substitution: cub::DeviceRadixSort (a stable sort of the slots by key) is std::stable_sort.
+// wgmma_target = true also mirrors api.cu's precomputed_target: sparse sets with fp32 accumulation and
+// bf16/fp16 q, kv (D % 64 == 0) take P from the simulated warpgroup-MMA kernel (probs_wgmma_kernel.cuh).
 // smem_limit plays the device's opt-in shared-memory limit (232448 bytes on an H100/H200); a smaller one
 // forces smaller tilings (fewer keys per tile, several chunks of q's heads).
 #include "cuda_sim.h"
 // clang-format off: the simulator must come first
 #include "../../csrc/cuda/indexer_loss/kernels.cuh"
+#include "../../csrc/cuda/indexer_loss/probs_wgmma_kernel.cuh"
 // clang-format on
 
 #include <torch/extension.h>
@@ -87,6 +90,46 @@ IndexerLossParams make_params(const Inputs& in, double sm_scale) {
   return p;
 }
 
+// P [T, K] of the sparse sets from the warpgroup-MMA kernel, launched as probs_wgmma.cu launches it.
+at::Tensor probs(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& indices,
+                 const at::Tensor& ks, const at::Tensor& ke, double sm_scale) {
+  namespace pw = glm5::cuda::indexer_probs_wgmma;
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "bf16 or fp16 q");
+  TORCH_CHECK(q.size(2) % 64 == 0 && q.size(1) > 0 && indices.size(1) > 0, "shape outside the kernel's plan");
+  const at::Tensor qc = q.contiguous(), kvc = kv.contiguous(), lc = lse.to(at::kFloat).contiguous();
+  const at::Tensor ic = indices.contiguous(), ksc = ks.contiguous(), kec = ke.contiguous();
+  at::Tensor P = at::full({q.size(0), indices.size(1)}, NAN, q.options().dtype(at::kFloat));
+  pw::Params p{};
+  p.q = qc.data_ptr();
+  p.kv = kvc.data_ptr();
+  p.lse = lc.data_ptr<float>();
+  p.indices = ic.data_ptr<int32_t>();
+  p.ks = ksc.data_ptr<int32_t>();
+  p.ke = kec.data_ptr<int32_t>();
+  p.P = P.data_ptr<float>();
+  p.T = q.size(0);
+  p.S = int(kv.size(0)), p.H = int(q.size(1)), p.D = int(q.size(2)), p.K = int(indices.size(1));
+  p.sm_scale = sm_scale;
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    glm5_sim::launch(dim3(unsigned(p.T)), dim3(pw::kThreads), pw::smem_bytes(p.D),
+                     [&] { pw::head_summed_probs_wgmma_kernel<T>(p); });
+  };
+  if (q.scalar_type() == at::kBFloat16) go(__nv_bfloat16{});
+  else go(__half{});
+  return P;
+}
+
+// api.cu's precomputed_target: P from the wgmma kernel where it applies, else undefined.
+at::Tensor target(const Inputs& in, const at::Tensor& q, const at::Tensor& kv, double sm_scale, bool wgmma_target) {
+  if (!wgmma_target || !in.indices.defined() || in.lse.scalar_type() != at::kFloat) return {};
+  const auto dt = q.scalar_type();
+  if ((dt != at::kBFloat16 && dt != at::kHalf) || kv.scalar_type() != dt || q.size(2) % 64 != 0 || q.size(1) == 0 ||
+      in.K == 0)
+    return {};
+  return probs(q, kv, in.lse, in.indices, in.ks, in.ke, sm_scale);
+}
+
 bool nothing_to_do(const Inputs& in) { return in.T == 0 || in.S == 0 || (in.indices.defined() && in.K == 0); }
 
 template <typename SmemFn>
@@ -100,13 +143,16 @@ size_t pick(IndexerLossParams& p, size_t limit, const SmemFn& smem) {
 std::tuple<at::Tensor, std::vector<int64_t>> fwd(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                                  const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
                                                  const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
-                                                 const std::optional<at::Tensor>& indices, int64_t smem_limit) {
+                                                 const std::optional<at::Tensor>& indices, int64_t smem_limit,
+                                                 bool wgmma_target) {
   const Inputs in = prepare(q_idx, k_idx, w, q, kv, lse, ks, ke, indices);
   std::vector<int64_t> tiling;
   if (nothing_to_do(in)) return {at::zeros({in.T}, q_idx.options().dtype(acc_type(q_idx))), tiling};
   at::Tensor loss = at::empty({in.T}, q_idx.options().dtype(acc_type(q_idx)));
   IndexerLossParams p = make_params(in, sm_scale);
   p.loss = loss.data_ptr();
+  const at::Tensor pre = target(in, q, kv, sm_scale, wgmma_target);
+  p.P_pre = pre.defined() ? pre.data_ptr<float>() : nullptr;
   dispatch_types(q_idx.scalar_type(), in.main_same, [&](auto ti, auto tm, auto tc) {
     using Ti = decltype(ti);
     using Tm = decltype(tm);
@@ -149,7 +195,7 @@ void sparse_dk(IndexerLossParams p, const Inputs& in, int64_t sort_entries) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bwd(
     const at::Tensor& grad, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q,
     const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
-    const std::optional<at::Tensor>& indices, int64_t smem_limit, int64_t sort_entries) {
+    const std::optional<at::Tensor>& indices, int64_t smem_limit, int64_t sort_entries, bool wgmma_target) {
   const Inputs in = prepare(q_idx, k_idx, w, q, kv, lse, ks, ke, indices);
   const auto acc = acc_type(q_idx);
   const auto opts = q_idx.options().dtype(acc);
@@ -169,6 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bwd(
     p.dk = dk.data_ptr();
     p.stats = stats.data_ptr();
     p.dI = sparse ? dI.data_ptr() : nullptr;
+    const at::Tensor pre = target(in, q, kv, sm_scale, wgmma_target);
+    p.P_pre = pre.defined() ? pre.data_ptr<float>() : nullptr;
     dispatch_types(q_idx.scalar_type(), in.main_same, [&](auto ti, auto tm, auto tc) {
       using Ti = decltype(ti);
       using Tm = decltype(tm);
@@ -194,6 +242,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bwd(
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fwd", &fwd);
-  m.def("bwd", &bwd);
+  namespace py = pybind11;
+  m.def("fwd", &fwd, py::arg("q_idx"), py::arg("k_idx"), py::arg("w"), py::arg("q"), py::arg("kv"), py::arg("lse"),
+        py::arg("ks"), py::arg("ke"), py::arg("sm_scale"), py::arg("indices"), py::arg("smem_limit"),
+        py::arg("wgmma_target") = false);
+  m.def("bwd", &bwd, py::arg("grad"), py::arg("q_idx"), py::arg("k_idx"), py::arg("w"), py::arg("q"), py::arg("kv"),
+        py::arg("lse"), py::arg("ks"), py::arg("ke"), py::arg("sm_scale"), py::arg("indices"), py::arg("smem_limit"),
+        py::arg("sort_entries"), py::arg("wgmma_target") = false);
+  m.def("probs", &probs);
 }

@@ -263,6 +263,32 @@ def test_deterministic(case, dtype, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, _run(x, g))), "the sort chunking changed the results"
 
 
+# Sparse sets with bf16/fp16 q, kv and D % 64 == 0 take their target P from the warpgroup-MMA kernel on an
+# sm_90 GPU (csrc/cuda/indexer_loss/probs_wgmma_kernel.cuh); GLM5_WGMMA=0 computes it on CUDA cores instead.
+WGMMA_TARGET = [
+    Case(T=32, S=300, HI=8, DI=32, H=80, D=128, K=96, docs=2, outside=0.1, pad=0.1, dup=True, lse_inf=True),
+    EXTRA[3],
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the wgmma kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", WGMMA_TARGET, ids=str)
+def test_wgmma_target(case, dtype, monkeypatch):
+    monkeypatch.setitem(os.environ, "GLM5_WGMMA", "1")
+    compare(case, dtype)
+    x = to_cuda(make_inputs(case, dtype))
+    g = (torch.rand(case.T) + 0.5).cuda()
+    on = _run(x, g)
+    assert all(torch.equal(a, b) for a, b in zip(on, _run(x, g))), "not deterministic"
+    monkeypatch.setitem(os.environ, "GLM5_WGMMA", "0")
+    off = _run(x, g)
+    for name, a, b in zip(("loss", "dq_idx", "dk_idx", "dw"), on, off):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2 * max(1.0, float(b.abs().max())),
+                                   msg=name)
+
+
 # The CPU path's value checks (ValueError/IndexError) are not done on the GPU: see test_values_are_clamped.
 VALUE_CHECKS = {"ks negative", "ke past S", "ke before ks", "index too big", "index below -1"}
 

@@ -7,7 +7,7 @@ deterministic and independent of the query chunking. The kernel rounds P and dS 
 before the dq / dk products (as FlashAttention does); tests/cuda_sim/test_sim_sparse_mla_bwd_tc.py runs
 the same kernel source on the CPU simulator against exact arithmetic.
 
-GLM5_SPARSE_MLA_WGMMA=0 keeps the Hopper wgmma kernels (test_cuda_sparse_mla_bwd_wgmma.py) off the
+GLM5_WGMMA=0 keeps the Hopper wgmma kernels (test_cuda_sparse_mla_bwd_wgmma.py) off the
 GLM-5 shapes, so these tests stay on mma.sync.
 
 Status: compiled for sm_90a, not yet run on a GPU (`pytest -m cuda tests/ops/test_cuda_sparse_mla_bwd_tc.py`).
@@ -47,7 +47,7 @@ GLM5 = pytest.param(Case(T=2, S=4096, K=2048, H=64, D=576, dv=512), marks=pytest
 
 @pytest.fixture(autouse=True)
 def _mma_sync_only(monkeypatch):
-    monkeypatch.setenv("GLM5_SPARSE_MLA_WGMMA", "0")
+    monkeypatch.setenv("GLM5_WGMMA", "0")
 
 
 def bwd_inputs(x: tuple) -> tuple:

@@ -1,7 +1,7 @@
 """The Hopper warpgroup-MMA sparse MLA backward (csrc/cuda/sparse_mla/bwd_wgmma.cu) on an sm_90 GPU.
 
 bf16 / fp16 inputs with D 192 or 576 and d_v % 64 == 0 take it: against autograd of the fp64 reference
-(test_cuda_dsa's rule), against the mma.sync kernel on the same forward outputs (GLM5_SPARSE_MLA_WGMMA=0),
+(test_cuda_dsa's rule), against the mma.sync kernel on the same forward outputs (GLM5_WGMMA=0),
 and bit-for-bit across runs and query chunkings. tests/cuda_sim/test_sim_sparse_mla_bwd_wgmma.py runs
 the same kernel source on the CPU simulator against exact arithmetic. Skipped without an sm_90 GPU.
 """
@@ -41,7 +41,7 @@ SHARED_KEYS = Case(T=70, S=40, K=48, H=4, D=192, dv=128, pad=0.2, dup=True, dead
 @pytest.fixture(autouse=True)
 def _tensor_cores(monkeypatch):
     monkeypatch.setenv("GLM5_SPARSE_MLA_SIMT", "0")
-    monkeypatch.setenv("GLM5_SPARSE_MLA_WGMMA", "1")
+    monkeypatch.setenv("GLM5_WGMMA", "1")
 
 
 def bwd_inputs(x: tuple) -> tuple:
@@ -75,7 +75,7 @@ def test_bwd_wgmma_matches_mma_sync(case, monkeypatch):
     # fp32 in other orders, so they agree to a few ulps of the largest gradient.
     args = bwd_inputs(make_inputs(case, torch.bfloat16))
     wg = grads(args)
-    monkeypatch.setenv("GLM5_SPARSE_MLA_WGMMA", "0")
+    monkeypatch.setenv("GLM5_WGMMA", "0")
     mma = grads(args)
     eps = torch.finfo(torch.bfloat16).eps
     for name, a, b in zip(("dq", "dkv"), wg, mma):

@@ -4,7 +4,7 @@ bf16 / fp16 inputs with D % 16 == 0 and d_v % 32 == 0 take the tensor-core kerne
 its tilings (1 to 4 m-tiles of 16 heads, padded heads, several head groups), key blocks of 32 with a
 partial last block, -1 padding, repeated keys, queries without any key, and wide score spreads that
 move the running max. GLM5_SPARSE_MLA_SIMT=1 forces the CUDA-core kernel, for the cross-check;
-GLM5_SPARSE_MLA_WGMMA=0 keeps the Hopper wgmma kernel (test_cuda_sparse_mla_wgmma.py) off the GLM-5
+GLM5_WGMMA=0 keeps the Hopper wgmma kernel (test_cuda_sparse_mla_wgmma.py) off the GLM-5
 shapes, so these tests stay on mma.sync. Skipped without a GPU.
 """
 
@@ -37,7 +37,7 @@ TC_CASES = [
 
 @pytest.fixture(autouse=True)
 def _mma_sync_only(monkeypatch):
-    monkeypatch.setenv("GLM5_SPARSE_MLA_WGMMA", "0")
+    monkeypatch.setenv("GLM5_WGMMA", "0")
 
 
 def run(x: tuple, monkeypatch, simt: bool) -> tuple:

@@ -3,7 +3,7 @@ reference and against the mma.sync kernel.
 
 bf16 / fp16 inputs with D % 64 == 0 and d_v in {128, 512} take it on an sm_90 GPU; these cases cover
 64-head groups (padded below 64, two groups at 80 and 128), blocks of 64 keys with a partial last one,
--1 padding, repeated keys, queries without any key and wide score spreads. GLM5_SPARSE_MLA_WGMMA=0
+-1 padding, repeated keys, queries without any key and wide score spreads. GLM5_WGMMA=0
 switches it off (the mma.sync kernel then runs the same shapes). Skipped without an sm_90 GPU.
 """
 
@@ -40,7 +40,7 @@ CASES = [
 
 def run(x: tuple, monkeypatch, wgmma: bool = True) -> tuple:
     monkeypatch.setenv("GLM5_SPARSE_MLA_SIMT", "0")
-    monkeypatch.setenv("GLM5_SPARSE_MLA_WGMMA", "1" if wgmma else "0")
+    monkeypatch.setenv("GLM5_WGMMA", "1" if wgmma else "0")
     q, kv, idx, scale, dv = x
     out, lse = FWD(q.cuda(), kv.cuda(), idx.cuda(), scale, dv)
     return out.cpu(), lse.cpu()
@@ -79,7 +79,7 @@ def test_wgmma_forward_deterministic(monkeypatch):
 
 
 def test_wgmma_forward_through_autograd_and_compile(monkeypatch):
-    monkeypatch.setenv("GLM5_SPARSE_MLA_WGMMA", "1")
+    monkeypatch.setenv("GLM5_WGMMA", "1")
     q, kv, idx, scale, dv = (t.cuda() if isinstance(t, torch.Tensor) else t for t in make_inputs(CASES[1], torch.bfloat16))
     q.requires_grad_()
     kv.requires_grad_()

@@ -5,7 +5,9 @@
 // kernels clamp ks/ke to [0, S] (ks > ke: an empty set) and treat a slot outside the clamped visible
 // range, out-of-range values included, like -1 (not in the set); nothing is read out of bounds.
 // Accumulation in fp32 (fp64 for fp64 indexer inputs); q/kv in another dtype than the indexer's are
-// converted to that accumulation dtype first (as on the CPU). Deterministic: no float atomics.
+// converted to that accumulation dtype first (as on the CPU). Deterministic: no float atomics. Sparse sets
+// with bf16/fp16 main attention inputs take their target P from one warpgroup-MMA pass on Hopper
+// (probs_wgmma.cu) instead of recomputing it on CUDA cores in every pass of the tile kernels.
 // Status: compiled for sm_90a, not yet verified on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -23,6 +25,7 @@
 #include "glm5/indexer_loss_checks.h"
 #include "../common/host_utils.h"
 #include "kernels.cuh"
+#include "probs_wgmma.h"
 
 namespace {
 
@@ -124,6 +127,14 @@ void allow_smem(Kernel kernel, size_t bytes) {
 // True when no query can have a key in its set: the loss and every gradient are zero.
 bool nothing_to_do(const Dims& d, bool sparse) { return d.T == 0 || d.S == 0 || (sparse && d.K == 0); }
 
+// Sparse sets with fp32 accumulation: the target P of every slot on Hopper's tensor cores (probs_wgmma.h),
+// read by the tile kernels instead of recomputing it from q, kv and lse in every pass; undefined when that
+// kernel does not apply (the tile kernels then compute P themselves).
+at::Tensor precomputed_target(const Inputs& in, const at::Tensor& q, const at::Tensor& kv, double sm_scale) {
+  if (!in.indices.defined() || in.lse.scalar_type() != at::kFloat) return {};
+  return indexer_loss_target_wgmma(q.contiguous(), kv.contiguous(), in.lse, in.indices, in.ks, in.ke, sm_scale);
+}
+
 at::Tensor indexer_kl_loss_fwd_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                     const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
                                     const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
@@ -136,6 +147,8 @@ at::Tensor indexer_kl_loss_fwd_cuda(const at::Tensor& q_idx, const at::Tensor& k
   at::Tensor loss = at::empty({d.T}, q_idx.options().dtype(acc));  // every query's CTA writes its entry
   IndexerLossParams p = make_params(in, d, sm_scale);
   p.loss = loss.data_ptr();
+  const at::Tensor target = precomputed_target(in, q, kv, sm_scale);
+  p.P_pre = target.defined() ? target.data_ptr<float>() : nullptr;
   const size_t limit = max_smem_optin(q_idx.get_device());
   dispatch_types(q_idx.scalar_type(), in.main_same, "indexer_kl_loss_fwd", [&](auto ti, auto tm, auto tc) {
     using Ti = decltype(ti);
@@ -223,6 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_bwd_cuda(
     p.dk = dk.data_ptr();
     p.stats = stats.data_ptr();
     p.dI = sparse ? dI.data_ptr() : nullptr;
+    const at::Tensor target = precomputed_target(in, q, kv, sm_scale);
+    p.P_pre = target.defined() ? target.data_ptr<float>() : nullptr;
     const size_t limit = max_smem_optin(q_idx.get_device());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     dispatch_types(q_idx.scalar_type(), in.main_same, "indexer_kl_loss_bwd", [&](auto ti, auto tm, auto tc) {

@@ -25,6 +25,9 @@
 // - Every per-key quantity (dot products in increasing d, P over heads in increasing h, I over indexer
 //   heads in increasing j) is computed by the same code in every kernel, so the ReLU masks and dI agree
 //   bit for bit between the dq_idx/dw and the dk_idx kernels.
+// - Sparse sets with bf16/fp16 main attention inputs on Hopper: P is computed once per op call by a
+//   warpgroup-MMA kernel (probs_wgmma_kernel.cuh) into p.P_pre [T, K], which score_tile then reads (the
+//   kv rows and the head loop are skipped): the tile kernels keep only the indexer's small dot products.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -172,12 +175,13 @@ __device__ inline void load_query(const IndexerLossParams& p, const LossSmem<ct>
   for (int h = threadIdx.x; h < p.H; h += blockDim.x) s.lse[h] = lse[h];
 }
 
-// The kv and k_idx rows of the tile's keys (zeros where key = -1; the caller synced after writing key).
+// The kv (unless P is precomputed) and k_idx rows of the tile's keys (zeros where key = -1; the caller
+// synced after writing key).
 template <typename Ti, typename Tm, typename ct>
 __device__ inline void load_rows(const IndexerLossParams& p, const LossSmem<ct>& s) {
   const Tm* kv = static_cast<const Tm*>(p.kv);
   const Ti* k_idx = static_cast<const Ti*>(p.k_idx);
-  for (int i = threadIdx.x; i < p.bs * p.D; i += blockDim.x) {
+  for (int i = threadIdx.x; p.P_pre == nullptr && i < p.bs * p.D; i += blockDim.x) {
     const int k = i / p.D, d = i % p.D, key = s.key[k];
     s.kvt[k * p.ldm + d] = key >= 0 ? to_ct<ct>(kv[int64_t(key) * p.D + d]) : ct(0);
   }
@@ -190,8 +194,9 @@ __device__ inline void load_rows(const IndexerLossParams& p, const LossSmem<ct>&
 // Scores the tile whose key[] the caller wrote (then synced): kvt/kt rows, sidx[j][k] = q_idx_j . k_idx_k,
 // P[k] and I[k] (0 and -inf where key = -1). Needs qi/wi/lse of query t loaded. Starts by loading rows, so
 // the caller must have synced after the previous tile's last reader of kvt/kt/sidx/P/I; ends synced.
+// With p.P_pre (sparse sets), P[k] is read from it at slot k0 + k instead.
 template <typename Ti, typename Tm, typename ct>
-__device__ inline void score_tile(const IndexerLossParams& p, const LossSmem<ct>& s, int64_t t) {
+__device__ inline void score_tile(const IndexerLossParams& p, const LossSmem<ct>& s, int64_t t, int k0) {
   const int bs = p.bs, HI = p.HI, DI = p.DI, D = p.D, H = p.H, ldi = p.ldi, ldm = p.ldm;
   const ct sm = static_cast<ct>(p.sm_scale);
   const ct inf = static_cast<ct>(INFINITY);
@@ -201,8 +206,9 @@ __device__ inline void score_tile(const IndexerLossParams& p, const LossSmem<ct>
     const int j = i / bs, k = i % bs;
     s.sidx[i] = s.key[k] >= 0 ? dot_seq(s.qi + j * ldi, s.kt + k * ldi, DI) : ct(0);
   }
-  for (int k = threadIdx.x; k < bs; k += blockDim.x) s.P[k] = ct(0);
-  for (int h0 = 0; h0 < H; h0 += p.hb) {
+  for (int k = threadIdx.x; k < bs; k += blockDim.x)
+    s.P[k] = p.P_pre != nullptr && s.key[k] >= 0 ? static_cast<ct>(p.P_pre[t * p.K + k0 + k]) : ct(0);
+  for (int h0 = 0; p.P_pre == nullptr && h0 < H; h0 += p.hb) {
     const int hn = min(p.hb, H - h0);
     // Safe to overwrite qh: its last readers (the previous chunk's exp loop) finished at the sync below.
     const Tm* q = static_cast<const Tm*>(p.q) + (t * H + h0) * int64_t(D);
@@ -242,7 +248,7 @@ __device__ inline void query_tile(const IndexerLossParams& p, const LossSmem<ct>
   __syncthreads();
   for (int k = threadIdx.x; k < p.bs; k += blockDim.x) s.key[k] = k0 + k < npos ? loss_key(p, t, lo, hi, k0 + k) : -1;
   __syncthreads();
-  score_tile<Ti, Tm, ct>(p, s, t);
+  score_tile<Ti, Tm, ct>(p, s, t, k0);
 }
 
 // Pass 1 of a query CTA: folds every tile into sum P, the online logsumexp of I and the set size (warp 0,
@@ -429,7 +435,7 @@ __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_dk_dense_kernel
     if (threadIdx.x < 4) s.red[threadIdx.x] = stats[t * 4 + threadIdx.x];
     for (int k = threadIdx.x; k < bs; k += blockDim.x) s.key[k] = (s0 + k >= a && s0 + k < b) ? s0 + k : -1;
     __syncthreads();
-    score_tile<Ti, Tm, ct>(p, s, t);
+    score_tile<Ti, Tm, ct>(p, s, t, 0);  // dense: P_pre is null
     for (int k = threadIdx.x; k < bs; k += blockDim.x) s.dI[k] = s.key[k] >= 0 ? loss_dI(s.P[k], s.I[k], s.red) : ct(0);
     __syncthreads();
     for (int i = threadIdx.x; i < HI * bs; i += blockDim.x) {  // G, as the query kernel forms it

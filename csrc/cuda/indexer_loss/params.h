@@ -17,6 +17,9 @@ struct IndexerLossParams {
   const int32_t* ke;       // [T] one past the last visible key (clamped to [ks, S])
   const int32_t* indices;  // [T, K] or null (dense mode); a slot outside [ks, ke) is not in the set
   const void* grad;        // [T] compute dtype (backward)
+  // [T, K] fp32 or null: the sparse set's head-summed target P precomputed per slot (probs_wgmma_kernel.cuh);
+  // the tile kernels then read it instead of computing P from q, kv and lse (sparse mode, float compute).
+  const float* P_pre;
   int64_t T;
   int S, HI, DI, H, D, K;
   double sm_scale;

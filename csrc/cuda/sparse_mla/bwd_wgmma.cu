@@ -26,7 +26,7 @@ size_t smem_of(int D, int dv) { return Layout(D, dv).bytes; }
 }  // namespace
 
 bool sparse_mla_bwd_wgmma(const SparseMlaBwdParams& p, c10::ScalarType dtype, cudaStream_t stream) {
-  if (env_is("GLM5_SPARSE_MLA_WGMMA", '0') || env_is("GLM5_SPARSE_MLA_SIMT", '1')) return false;
+  if (env_is("GLM5_WGMMA", '0') || env_is("GLM5_SPARSE_MLA_SIMT", '1')) return false;
   if (dtype != c10::kBFloat16 && dtype != c10::kHalf) return false;
   if (p.t1 <= p.t0 || p.H <= 0 || p.K <= 0 || p.S <= 0) return false;
   if (!aligned(p.q, 16) || !aligned(p.kv, 16) || !aligned(p.dout, 16)) return false;  // cp.async rows

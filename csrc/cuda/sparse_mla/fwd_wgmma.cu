@@ -32,7 +32,7 @@ void launch(const SparseMlaFwdParams& p, size_t smem, cudaStream_t stream) {
 
 bool sparse_mla_fwd_wgmma(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& indices, double sm_scale,
                           at::Tensor& out, at::Tensor& lse) {
-  if (env_is("GLM5_SPARSE_MLA_WGMMA", '0') || env_is("GLM5_SPARSE_MLA_SIMT", '1')) return false;
+  if (env_is("GLM5_WGMMA", '0') || env_is("GLM5_SPARSE_MLA_SIMT", '1')) return false;
   const auto dtype = q.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;  // wgmma is sm_90a only
