@@ -13,6 +13,8 @@
 
 #include <torch/extension.h>
 
+#include "../../csrc/cuda/sparse_mla/host_params.h"
+
 #include <algorithm>
 #include <tuple>
 
@@ -55,15 +57,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> sparse_mla_fwd(const at
   dispatch_float(q.scalar_type(), [&](auto t_tag, auto c_tag) {
     using T = decltype(t_tag);
     using ct = decltype(c_tag);
-    SparseMlaFwdParams p{};
-    p.q = q.data_ptr();
-    p.kv = kv.data_ptr();
-    p.indices = indices.data_ptr<int32_t>();
-    p.out = out.data_ptr();
-    p.lse = lse.data_ptr();
-    p.T = q.size(0);
-    p.H = int(q.size(1)), p.D = int(q.size(2)), p.S = int(kv.size(0)), p.K = int(indices.size(1)), p.dv = int(dv);
-    p.scale = sm_scale;
+    SparseMlaFwdParams p = sparse_mla_fwd_params(q, kv, indices, sm_scale, out, lse);
     const SparseMlaSimtPlan plan = sparse_mla_fwd_plan(p.H, p.D, p.dv, size_t(smem_limit), sparse_mla_fwd_smem<ct>);
     TORCH_CHECK(plan.smem <= size_t(smem_limit), "sparse_mla_fwd: too much shared memory");
     p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld;
@@ -103,17 +97,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> sparse_mla_bwd(
   dispatch_float(q.scalar_type(), [&](auto t_tag, auto c_tag) {
     using T_ = decltype(t_tag);
     using ct = decltype(c_tag);
-    SparseMlaBwdParams p{};
-    p.q = q.data_ptr();
-    p.kv = kv.data_ptr();
-    p.indices = indices.data_ptr<int32_t>();
-    p.dout = grad_out.data_ptr();
-    p.out = out.data_ptr();
-    p.lse = lse.data_ptr();
-    p.dq_acc = dq_acc.data_ptr();
-    p.rows = rows.data_ptr();
-    p.H = int(H), p.D = int(D), p.S = int(S), p.K = int(K), p.dv = int(dv);
-    p.scale = sm_scale;
+    SparseMlaBwdParams p = sparse_mla_bwd_params(grad_out, q, kv, indices, out, lse, sm_scale, dq_acc, rows);
     const SparseMlaSimtPlan plan = sparse_mla_bwd_plan(p.H, p.D, p.dv, size_t(smem_limit), sparse_mla_bwd_smem<ct>);
     TORCH_CHECK(plan.smem <= size_t(smem_limit), "sparse_mla_bwd: too much shared memory");
     p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld, p.ldv = plan.ldv;

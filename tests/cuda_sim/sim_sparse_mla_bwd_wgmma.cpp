@@ -9,6 +9,8 @@
 
 #include <torch/extension.h>
 
+#include "../../csrc/cuda/sparse_mla/host_params.h"
+
 #include <tuple>
 
 namespace {
@@ -37,18 +39,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_wgmma(const at::Tensor& grad_o
   const at::Tensor oc = out.contiguous(), lc = lse.contiguous();
   at::Tensor dq = at::full({T, H, D}, NAN, q.options().dtype(at::kFloat));
   at::Tensor rows = at::full({(t1 - t0) * K, D}, NAN, q.options().dtype(at::kFloat));
-  SparseMlaBwdParams p{};
-  p.q = qc.data_ptr();
-  p.kv = kvc.data_ptr();
-  p.indices = ic.data_ptr<int32_t>();
-  p.dout = gc.data_ptr();
-  p.out = oc.data_ptr();
-  p.lse = lc.data_ptr();
-  p.dq_acc = dq.data_ptr();
-  p.rows = rows.data_ptr();
+  SparseMlaBwdParams p = sparse_mla_bwd_params(gc, qc, kvc, ic, oc, lc, sm_scale, dq, rows);
   p.t0 = t0, p.t1 = t1;
-  p.H = int(H), p.D = int(D), p.S = int(kv.size(0)), p.K = int(K), p.dv = int(dv);
-  p.scale = sm_scale;
   const size_t smem = smem_of(p.D, p.dv);
   sparse_mla_with_ncb(ncb, [&](auto n) {
     constexpr int NCB = decltype(n)::value;

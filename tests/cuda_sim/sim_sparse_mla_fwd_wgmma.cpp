@@ -9,6 +9,8 @@
 
 #include <torch/extension.h>
 
+#include "../../csrc/cuda/sparse_mla/host_params.h"
+
 #include <tuple>
 
 namespace {
@@ -27,15 +29,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_wgmma(const at::Tensor& q, con
   const at::Tensor qc = q.contiguous(), kvc = kv.contiguous(), ic = indices.contiguous();
   at::Tensor out = at::empty({q.size(0), q.size(1), dv}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  SparseMlaFwdParams p{};
-  p.q = qc.data_ptr();
-  p.kv = kvc.data_ptr();
-  p.indices = ic.data_ptr<int32_t>();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  p.T = q.size(0);
-  p.H = int(q.size(1)), p.D = int(q.size(2)), p.S = int(kv.size(0)), p.K = int(indices.size(1)), p.dv = int(dv);
-  p.scale = sm_scale;
+  SparseMlaFwdParams p = sparse_mla_fwd_params(qc, kvc, ic, sm_scale, out, lse);
   const dim3 grid(unsigned(p.T), unsigned((p.H + kHeads - 1) / kHeads));
   sparse_mla_with_nv(nv, [&](auto n) {
     constexpr int NV = decltype(n)::value;

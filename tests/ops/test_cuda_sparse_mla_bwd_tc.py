@@ -66,7 +66,12 @@ def grads(args: tuple) -> tuple:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES + [SHARED_KEYS, GLM5], ids=str)
 def test_bwd_tc(case, dtype):
-    # Through autograd of glm5.ops.sparse_mla against autograd of the fp64 reference (test_cuda_dsa's rule).
+    assert_backward_matches_reference(case, dtype)
+
+
+def assert_backward_matches_reference(case: Case, dtype: torch.dtype) -> None:
+    """Through autograd of glm5.ops.sparse_mla on the GPU against autograd of the fp64 reference
+    (test_cuda_dsa's rule), with the contracts of queries without keys and keys nobody selected."""
     x = make_inputs(case, dtype)
     g = torch.randn(case.T, case.H, case.dv, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _, _, dq, dkv = out_and_grads(glm5.ops.sparse_mla, cuda(x), g.float().cuda())

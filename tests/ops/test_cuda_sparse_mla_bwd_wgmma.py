@@ -11,11 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import glm5
-from glm5.ops import reference
-from numerics import assert_close_to_ref
-from test_cuda_dsa import cuda, floor_cuda
-from test_sparse_mla import Case, dead, make_inputs, out_and_grads, upcast
+from test_cuda_sparse_mla_bwd_tc import assert_backward_matches_reference, bwd_inputs, grads
+from test_sparse_mla import Case, make_inputs
 
 pytestmark = [
     pytest.mark.cuda,
@@ -23,8 +20,6 @@ pytestmark = [
                        reason="the wgmma kernel needs an sm_90 GPU"),
 ]
 
-FWD = torch.ops.glm5.sparse_mla_fwd
-BWD = torch.ops.glm5.sparse_mla_bwd
 DTYPES = [torch.bfloat16, torch.float16]
 
 CASES = [
@@ -44,29 +39,10 @@ def _tensor_cores(monkeypatch):
     monkeypatch.setenv("GLM5_WGMMA", "1")
 
 
-def bwd_inputs(x: tuple) -> tuple:
-    xc = cuda(x)
-    out, lse = FWD(*xc)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype).cuda()
-    return (g, *xc[:3], out, lse, *xc[3:])
-
-
-def grads(args: tuple) -> tuple:
-    return tuple(t.cpu() for t in BWD(*args))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES + [SHARED_KEYS], ids=str)
 def test_bwd_wgmma(case, dtype):
-    x = make_inputs(case, dtype)
-    g = torch.randn(case.T, case.H, case.dv, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, _, dq, dkv = out_and_grads(glm5.ops.sparse_mla, cuda(x), g.float().cuda())
-    _, _, truth_dq, truth_dkv = out_and_grads(reference.sparse_mla, upcast(x), g)
-    _, _, lowp_dq, lowp_dkv = out_and_grads(reference.sparse_mla, x, g.float())
-    dq, dkv = dq.cpu(), dkv.cpu()
-    for name, a, t, lp in (("dq", dq, truth_dq, lowp_dq), ("dkv", dkv, truth_dkv, lowp_dkv)):
-        assert_close_to_ref(a, t, lp, factor=3.0, floor=floor_cuda(t, dtype, case.K), name=name)
-    assert not dq[dead(x)].any(), "a query without keys gets dq = 0"
+    assert_backward_matches_reference(case, dtype)
 
 
 @pytest.mark.parametrize("case", CASES + [SHARED_KEYS], ids=str)

@@ -130,6 +130,21 @@ def floor(truth: torch.Tensor, dtype: torch.dtype, K: int) -> float | None:
     return None
 
 
+def assert_kernel_forward(x: tuple, case: Case, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """A bf16 / fp16 tensor-core forward's out and fp32 lse (on the CPU) against the fp64 reference, and the
+    contract of queries without keys: the rule of the CUDA and simulator tests of every such kernel."""
+    dtype = x[0].dtype
+    truth_out, truth_lse = reference.sparse_mla(*upcast(x))
+    lowp_out, _ = reference.sparse_mla(*x)
+    assert_close_to_ref(out, truth_out, lowp_out, floor=floor(truth_out, dtype, case.K), name="out")
+    # lse is an fp32 sum of fp32 exponentials of fp32 dot products of the rounded inputs.
+    finite = torch.isfinite(truth_lse)
+    top = float(truth_lse[finite].abs().max()) if finite.any() else 1.0
+    assert_close_to_ref(lse, truth_lse, None, floor=64 * torch.finfo(torch.float32).eps * max(1.0, top), name="lse")
+    empty = dead(x)
+    assert not out[empty].any() and torch.isposinf(lse[empty]).all()
+
+
 def check_forward(case: Case, dtype: torch.dtype) -> tuple:
     x = make_inputs(case, dtype)
     out, lse = glm5.ops.sparse_mla(*x)

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "device_utils.cuh"  // odd_stride
 
@@ -23,6 +24,18 @@ inline size_t max_smem_optin(int device) {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The kernels' environment switches, read per call: env_flag(name) is true when `name` is set to anything
+// but "" or "0..." (an opt-in such as GLM5_SPARSE_MLA_SIMT=1); env_off(name) is true when it is set to
+// "0..." (a default-on path switched off, such as GLM5_WGMMA=0).
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+inline bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '0';
+}
 
 // Calls f(T{}, ct{}) with the CUDA storage type of dtype and its compute type.
 template <typename F>

@@ -14,8 +14,7 @@ using namespace indexer_probs_wgmma;
 
 at::Tensor indexer_loss_target_wgmma(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
                                const at::Tensor& indices, const at::Tensor& ks, const at::Tensor& ke, double sm_scale) {
-  const char* env = std::getenv("GLM5_WGMMA");
-  if (env != nullptr && env[0] == '0') return {};
+  if (env_off("GLM5_WGMMA")) return {};
   const auto dtype = q.scalar_type();
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || kv.scalar_type() != dtype || lse.scalar_type() != at::kFloat)
     return {};

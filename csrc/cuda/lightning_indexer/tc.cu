@@ -19,11 +19,6 @@
 namespace glm5::cuda {
 namespace {
 
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] != '\0' && v[0] != '0';
-}
-
 // The positive integer in environment variable `name`, or 0 when it is unset or empty.
 int env_int(const char* name) {
   const char* v = std::getenv(name);

@@ -22,7 +22,6 @@
 #include <glm5/moe_checks.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -79,10 +78,7 @@ auto native_ptr(const at::Tensor& t) {
 }
 
 // GLM5_CUDA_VALIDATE=1: check tensor values on the host (a synchronisation) with the CPU's errors.
-bool validate_values() {
-  const char* v = std::getenv("GLM5_CUDA_VALIDATE");
-  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
-}
+bool validate_values() { return glm5::cuda::env_flag("GLM5_CUDA_VALIDATE"); }
 
 // ---- checks: glm5/moe_checks.h, shared with csrc/cpu/moe.cpp ---------------------------------------
 // Tensor values are checked (on the host, a synchronisation) only with GLM5_CUDA_VALIDATE.

@@ -26,6 +26,7 @@
 #include "bwd_wgmma.h"
 #include "fwd_tc.h"
 #include "fwd_wgmma.h"
+#include "host_params.h"
 #include "kernels.cuh"
 #include "plan.h"
 
@@ -62,15 +63,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q_in, c
   dispatch_float(q.scalar_type(), "sparse_mla_fwd", [&](auto t_tag, auto c_tag) {
     using T = decltype(t_tag);
     using ct = decltype(c_tag);
-    SparseMlaFwdParams p{};
-    p.q = q.data_ptr();
-    p.kv = kv.data_ptr();
-    p.indices = indices.data_ptr<int32_t>();
-    p.out = out.data_ptr();
-    p.lse = lse.data_ptr();
-    p.T = dm.T;
-    p.H = int(dm.H), p.D = int(dm.D), p.S = int(dm.S), p.K = int(dm.K), p.dv = int(d_v);
-    p.scale = sm_scale;
+    SparseMlaFwdParams p = sparse_mla_fwd_params(q, kv, indices, sm_scale, out, lse);
     const SparseMlaSimtPlan plan = sparse_mla_fwd_plan(p.H, p.D, p.dv, limit, sparse_mla_fwd_smem<ct>);
     p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld;
     const size_t smem = plan.smem;
@@ -125,17 +118,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_contiguous(const at::Tensor& g
   dispatch_float(q.scalar_type(), "sparse_mla_bwd", [&](auto t_tag, auto c_tag) {
     using T = decltype(t_tag);
     using ct = decltype(c_tag);
-    SparseMlaBwdParams p{};
-    p.q = q.data_ptr();
-    p.kv = kv.data_ptr();
-    p.indices = indices.data_ptr<int32_t>();
-    p.dout = grad_out.data_ptr();
-    p.out = out.data_ptr();
-    p.lse = lse.data_ptr();
-    p.dq_acc = dq_acc.data_ptr();
-    p.rows = rows.data_ptr();
-    p.H = int(dm.H), p.D = int(dm.D), p.S = int(dm.S), p.K = int(dm.K), p.dv = int(dm.dv);
-    p.scale = sm_scale;
+    SparseMlaBwdParams p = sparse_mla_bwd_params(grad_out, q, kv, indices, out, lse, sm_scale, dq_acc, rows);
     const SparseMlaSimtPlan plan = sparse_mla_bwd_plan(p.H, p.D, p.dv, limit, sparse_mla_bwd_smem<ct>);
     p.hb = plan.hb, p.bk = plan.bk, p.ld = plan.ld, p.ldv = plan.ldv;
     const size_t smem = plan.smem;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "../common/host_utils.h"
 #include "bwd_tc.h"
 #include "bwd_tc_kernel.cuh"
 
@@ -20,8 +21,7 @@ bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr
 }  // namespace
 
 bool sparse_mla_bwd_tc(const SparseMlaBwdParams& p, c10::ScalarType dtype, cudaStream_t stream) {
-  const char* simt = std::getenv("GLM5_SPARSE_MLA_SIMT");
-  if (simt != nullptr && simt[0] != '\0' && simt[0] != '0') return false;
+  if (env_flag("GLM5_SPARSE_MLA_SIMT")) return false;
   if (dtype != c10::kBFloat16 && dtype != c10::kHalf) return false;
   if (p.t1 <= p.t0 || p.H <= 0 || p.K <= 0 || p.S <= 0) return false;
   if (p.D <= 0 || p.D % 16 != 0 || p.dv <= 0 || p.dv % 16 != 0 || p.dv > p.D) return false;

@@ -36,6 +36,7 @@
 
 #include "../common/device_utils.cuh"
 #include "../common/mma.cuh"
+#include "bwd_stage.cuh"
 #include "params.h"
 
 namespace glm5::cuda {
@@ -176,19 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_bwd_tc_kernel(const Sp
       const bool ok = h < hb;
       cp_async_16(dos + h * ldo + ch * 8, ok ? dog + int64_t(h0 + h) * dv + ch * 8 : dog, ok);
     }
-    for (int h = warp; h < hp; h += kWarps) {  // h is warp-uniform
-      float v = 0.f;
-      if (h < hb) {
-        const T* a = dog + int64_t(h0 + h) * dv;
-        const T* b = og + int64_t(h0 + h) * dv;
-        for (int d = lane; d < dv; d += 32) v += to_ct<float>(a[d]) * to_ct<float>(b[d]);
-        v = warp_sum(v);
-      }
-      if (lane == 0) {
-        delta_s[h] = v;
-        lse_s[h] = h < hb ? lseg[h0 + h] : INFINITY;
-      }
-    }
+    stage_lse_delta(dog, og, lseg, h0, hb, hp, dv, lse_s, delta_s, warp, lane, kWarps);
 
     // dq of this warp: m-tile dq_mt, column pairs dq_cg + i * dq_ncg (i < kMaxPairsPerWarp; the host
     // checked that ceil(n_pairs / dq_ncg) <= kMaxPairsPerWarp for every group).

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "../common/host_utils.h"
 #include "bwd_wgmma.h"
 #include "bwd_wgmma_kernel.cuh"
 #include "plan.h"
@@ -14,11 +15,6 @@ namespace {
 
 using namespace sparse_mla_wgmma_bwd;
 
-bool env_is(const char* name, char value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == value;
-}
-
 bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 size_t smem_of(int D, int dv) { return Layout(D, dv).bytes; }
@@ -26,7 +22,7 @@ size_t smem_of(int D, int dv) { return Layout(D, dv).bytes; }
 }  // namespace
 
 bool sparse_mla_bwd_wgmma(const SparseMlaBwdParams& p, c10::ScalarType dtype, cudaStream_t stream) {
-  if (env_is("GLM5_WGMMA", '0') || env_is("GLM5_SPARSE_MLA_SIMT", '1')) return false;
+  if (env_off("GLM5_WGMMA") || env_flag("GLM5_SPARSE_MLA_SIMT")) return false;
   if (dtype != c10::kBFloat16 && dtype != c10::kHalf) return false;
   if (p.t1 <= p.t0 || p.H <= 0 || p.K <= 0 || p.S <= 0) return false;
   if (!aligned(p.q, 16) || !aligned(p.kv, 16) || !aligned(p.dout, 16)) return false;  // cp.async rows

@@ -31,8 +31,10 @@
 #include <cstdint>
 
 #include "../common/device_utils.cuh"
+#include "../common/gmma_tiles.cuh"
 #include "../common/mma.cuh"
 #include "../common/wgmma.cuh"
+#include "bwd_stage.cuh"
 #include "params.h"
 
 namespace glm5::cuda {
@@ -69,11 +71,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_bwd_wgmma_kernel(const
   constexpr int D = 64 * NCB;
   constexpr int kRope = 32 * NQ;  // first dq register of the rope partial
 
-  unsigned char* raw = dynamic_smem();
-  const uint32_t raw_addr = smem_addr(raw);
-  const uint32_t pad = (gmma::kAtomBytes - (raw_addr & (gmma::kAtomBytes - 1))) & (gmma::kAtomBytes - 1);
-  unsigned char* base = raw + pad;
-  const uint32_t base_addr = raw_addr + pad;
+  const gmma::AlignedSmem sm = gmma::aligned_dynamic_smem();
+  unsigned char* base = sm.ptr;
+  const uint32_t base_addr = sm.addr;
 
   const int H = p.H, dv = p.dv, K = p.K, S = p.S, nvb = dv / 64;
   const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31, warp = tid >> 5;
@@ -107,42 +107,22 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_bwd_wgmma_kernel(const
       const int s = k0 + tid < K ? idx[k0 + tid] : -1;
       keys_s[buf * kBK + tid] = (s >= 0 && s < S) ? s : -1;
     }
-    for (int i = tid; i < kBK * (D / 8); i += kThreads) {
-      const int j = i / (D / 8), ch = i % (D / 8);
+    auto key_row = [&](int j) -> const T* {
       const int s = k0 + j < K ? idx[k0 + j] : -1;
-      const bool ok = s >= 0 && s < S;
-      cp_async_16(kt + (ch >> 3) * kKeyBlock + gmma::chunk_offset(j, ch & 7), ok ? kv + int64_t(s) * D + ch * 8 : kv,
-                  ok);
-    }
+      return s >= 0 && s < S ? kv + int64_t(s) * D : nullptr;
+    };
+    gmma::gather_rows(kt, kBK, D, key_row, kv, tid, kThreads);
   };
 
   for (int h0 = 0; h0 < H; h0 += kHeads) {
     const int hb = min(kHeads, H - h0);  // real heads of this group
     // q / dO rows of the group (zero past hb); lse (+inf past hb) and Delta = rowsum(dO * O). The
     // previous group ended with a barrier, so these tiles are free.
-    for (int i = tid; i < kHeads * (D / 8); i += kThreads) {
-      const int h = i / (D / 8), ch = i % (D / 8);
-      cp_async_16(base + L.q + (ch >> 3) * kHeadBlock + gmma::chunk_offset(h, ch & 7),
-                  h < hb ? qg + int64_t(h0 + h) * D + ch * 8 : qg, h < hb);
-    }
-    for (int i = tid; i < kHeads * (dv / 8); i += kThreads) {
-      const int h = i / (dv / 8), ch = i % (dv / 8);
-      cp_async_16(base + L.dout + (ch >> 3) * kHeadBlock + gmma::chunk_offset(h, ch & 7),
-                  h < hb ? dog + int64_t(h0 + h) * dv + ch * 8 : dog, h < hb);
-    }
-    for (int h = warp; h < kHeads; h += kThreads / 32) {  // h is warp-uniform
-      float v = 0.f;
-      if (h < hb) {
-        const T* a = dog + int64_t(h0 + h) * dv;
-        const T* b = og + int64_t(h0 + h) * dv;
-        for (int d = lane; d < dv; d += 32) v += to_ct<float>(a[d]) * to_ct<float>(b[d]);
-        v = warp_sum(v);
-      }
-      if (lane == 0) {
-        delta_s[h] = v;
-        lse_s[h] = h < hb ? lseg[h0 + h] : INFINITY;
-      }
-    }
+    gmma::gather_rows(base + L.q, kHeads, D, [&](int h) { return h < hb ? qg + int64_t(h0 + h) * D : nullptr; }, qg,
+                      tid, kThreads);
+    gmma::gather_rows(base + L.dout, kHeads, dv, [&](int h) { return h < hb ? dog + int64_t(h0 + h) * dv : nullptr; },
+                      dog, tid, kThreads);
+    stage_lse_delta(dog, og, lseg, h0, hb, kHeads, dv, lse_s, delta_s, warp, lane, kThreads / 32);
 
     // dq[32 j + 4 i + e] = dq[16 wq + g + 8 (e / 2)][64 (wg NQ + j) + 8 i + 2 c + e % 2] for j < NQ;
     // dq[kRope + 4 i + e]: this warpgroup's partial of rope column 64 (NCB - 1) + 8 i + 2 c + e % 2.
@@ -169,18 +149,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_bwd_wgmma_kernel(const
         wgmma::fence_operand(dp);
         wgmma::fence();
         const uint32_t kw_addr = kt_addr + wg * 16 * gmma::kRowBytes;  // this warpgroup's key rows
-        for (int cb = 0; cb < NCB; ++cb) {
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            wgmma::mma<T, 16, false>(s, gmma::desc_k_major(q_addr + cb * kHeadBlock + kk * 32),
-                                     gmma::desc_k_major(kw_addr + cb * kKeyBlock + kk * 32), true);
-        }
-        for (int cb = 0; cb < nvb; ++cb) {
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            wgmma::mma<T, 16, false>(dp, gmma::desc_k_major(do_addr + cb * kHeadBlock + kk * 32),
-                                     gmma::desc_k_major(kw_addr + cb * kKeyBlock + kk * 32), true);
-        }
+        wgmma::mma_k_blocks<T, 16>(s, q_addr, kHeadBlock, kw_addr, kKeyBlock, NCB);
+        wgmma::mma_k_blocks<T, 16>(dp, do_addr, kHeadBlock, kw_addr, kKeyBlock, nvb);
         wgmma::commit();
         wgmma::wait<0>();
         wgmma::fence_operand(s);

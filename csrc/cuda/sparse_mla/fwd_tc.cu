@@ -7,6 +7,7 @@
 #include "../common/host_utils.h"
 #include "fwd_tc.h"
 #include "fwd_tc_kernel.cuh"
+#include "host_params.h"
 #include "plan.h"
 
 namespace glm5::cuda {
@@ -32,8 +33,7 @@ void launch_mt(int mt, const SparseMlaFwdParams& p, size_t smem, cudaStream_t st
 
 bool sparse_mla_fwd_tc(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& indices, double sm_scale,
                        at::Tensor& out, at::Tensor& lse) {
-  const char* simt = std::getenv("GLM5_SPARSE_MLA_SIMT");
-  if (simt != nullptr && simt[0] != '\0' && simt[0] != '0') return false;
+  if (env_flag("GLM5_SPARSE_MLA_SIMT")) return false;
   const auto dtype = q.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), S = kv.size(0), K = indices.size(1), dv = out.size(2);
@@ -46,15 +46,7 @@ bool sparse_mla_fwd_tc(const at::Tensor& q, const at::Tensor& kv, const at::Tens
       sparse_mla_with_mt(mt, [&](auto m) { return sparse_mla_fwd_tc_smem<decltype(m)::value>(int(D), elem); });
   if (smem > max_smem_optin(q.get_device())) return false;
 
-  SparseMlaFwdParams p{};
-  p.q = q.data_ptr();
-  p.kv = kv.data_ptr();
-  p.indices = indices.data_ptr<int32_t>();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  p.T = T;
-  p.H = int(H), p.D = int(D), p.S = int(S), p.K = int(K), p.dv = int(dv);
-  p.scale = sm_scale;
+  SparseMlaFwdParams p = sparse_mla_fwd_params(q, kv, indices, sm_scale, out, lse);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (dtype == at::kBFloat16) launch_mt<__nv_bfloat16>(mt, p, smem, stream);
   else launch_mt<__half>(mt, p, smem, stream);

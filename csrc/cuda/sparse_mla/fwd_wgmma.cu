@@ -7,17 +7,13 @@
 #include "../common/host_utils.h"
 #include "fwd_wgmma.h"
 #include "fwd_wgmma_kernel.cuh"
+#include "host_params.h"
 #include "plan.h"
 
 namespace glm5::cuda {
 namespace {
 
 using namespace sparse_mla_wgmma;
-
-bool env_is(const char* name, char value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == value;
-}
 
 template <typename T, int NV>
 void launch(const SparseMlaFwdParams& p, size_t smem, cudaStream_t stream) {
@@ -32,7 +28,7 @@ void launch(const SparseMlaFwdParams& p, size_t smem, cudaStream_t stream) {
 
 bool sparse_mla_fwd_wgmma(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& indices, double sm_scale,
                           at::Tensor& out, at::Tensor& lse) {
-  if (env_is("GLM5_WGMMA", '0') || env_is("GLM5_SPARSE_MLA_SIMT", '1')) return false;
+  if (env_off("GLM5_WGMMA") || env_flag("GLM5_SPARSE_MLA_SIMT")) return false;
   const auto dtype = q.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;  // wgmma is sm_90a only
@@ -41,15 +37,7 @@ bool sparse_mla_fwd_wgmma(const at::Tensor& q, const at::Tensor& kv, const at::T
   const int nv = sparse_mla_fwd_wgmma_nv(D, dv, max_smem_optin(q.get_device()), smem_bytes);
   if (nv == 0) return false;
 
-  SparseMlaFwdParams p{};
-  p.q = q.data_ptr();
-  p.kv = kv.data_ptr();
-  p.indices = indices.data_ptr<int32_t>();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  p.T = T;
-  p.H = int(H), p.D = int(D), p.S = int(S), p.K = int(K), p.dv = int(dv);
-  p.scale = sm_scale;
+  SparseMlaFwdParams p = sparse_mla_fwd_params(q, kv, indices, sm_scale, out, lse);
   const size_t smem = smem_bytes(int(D));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   sparse_mla_with_nv(nv, [&](auto n) {

@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "../common/device_utils.cuh"
+#include "../common/gmma_tiles.cuh"
 #include "../common/mma.cuh"
 #include "../common/wgmma.cuh"
 #include "params.h"
@@ -47,13 +48,11 @@ inline constexpr size_t smem_bytes(int D) {
 template <typename T, int NV>
 __global__ void __launch_bounds__(kThreads, 1) sparse_mla_fwd_wgmma_kernel(const SparseMlaFwdParams p) {
   static_assert(NV == 64 || NV == 128 || NV == 256, "d_v / 2 must be 64, 128 or 256");
-  unsigned char* raw = dynamic_smem();
-  const uint32_t raw_addr = smem_addr(raw);
-  const uint32_t pad = (gmma::kAtomBytes - (raw_addr & (gmma::kAtomBytes - 1))) & (gmma::kAtomBytes - 1);
-  unsigned char* base = raw + pad;  // 1024-byte aligned in the shared window
-  const uint32_t base_addr = raw_addr + pad;
+  const gmma::AlignedSmem sm = gmma::aligned_dynamic_smem();
+  unsigned char* base = sm.ptr;
+  const uint32_t base_addr = sm.addr;
 
-  const int D = p.D, dv = p.dv, K = p.K, S = p.S, ncb = D / 64, cpr = D / 8;
+  const int D = p.D, dv = p.dv, K = p.K, S = p.S, ncb = D / 64;
   const uint32_t tile = uint32_t(ncb) * kBlockBytes;  // bytes of Q, and of one key tile
   const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int64_t t = blockIdx.x;
@@ -71,17 +70,14 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_fwd_wgmma_kernel(const
   const int32_t* idx_row = p.indices + t * K;
   bool saw_valid = false;
 
-  // Gathers block blk's key rows into tile buf (16-byte chunks, swizzled; invalid rows zero-filled).
+  // Gathers block blk's key rows into tile buf (swizzled; invalid rows zero-filled).
   auto load_block = [&](int blk, int buf) {
     const int k0 = blk * kBK;
-    unsigned char* kb = ks + buf * tile;
-    for (int i = tid; i < kBK * cpr; i += kThreads) {
-      const int j = i / cpr, ch = i % cpr;
+    auto key_row = [&](int j) -> const T* {
       const int s = k0 + j < K ? idx_row[k0 + j] : -1;
-      const bool ok = s >= 0 && s < S;
-      cp_async_16(kb + (ch >> 3) * kBlockBytes + gmma::chunk_offset(j, ch & 7),
-                  ok ? kvg + int64_t(s) * D + ch * 8 : kvg, ok);
-    }
+      return s >= 0 && s < S ? kvg + int64_t(s) * D : nullptr;
+    };
+    gmma::gather_rows(ks + buf * tile, kBK, D, key_row, kvg, tid, kThreads);
     if (tid < kBK) {
       const int s = k0 + tid < K ? idx_row[k0 + tid] : -1;
       const bool ok = s >= 0 && s < S;
@@ -91,11 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_fwd_wgmma_kernel(const
   };
 
   const int nblk = (K + kBK - 1) / kBK;
-  for (int i = tid; i < kHeads * cpr; i += kThreads) {
-    const int r = i / cpr, ch = i % cpr;
-    cp_async_16(qs + (ch >> 3) * kBlockBytes + gmma::chunk_offset(r, ch & 7),
-                r < nh ? qg + int64_t(r) * D + ch * 8 : qg, r < nh);
-  }
+  gmma::gather_rows(qs, kHeads, D, [&](int r) { return r < nh ? qg + int64_t(r) * D : nullptr; }, qg, tid, kThreads);
   if (nblk > 0) load_block(0, 0);
   cp_async_commit();
 
@@ -122,14 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_fwd_wgmma_kernel(const
     for (int e = 0; e < 16; ++e) s[e] = 0.f;
     wgmma::fence_operand(s);
     wgmma::fence();
-    for (int cb = 0; cb < ncb; ++cb) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t off = cb * kBlockBytes + kk * 32;
-        wgmma::mma<T, 32, false>(s, gmma::desc_k_major(q_addr + off),
-                                 gmma::desc_k_major(kb_addr + off + wg * 32 * gmma::kRowBytes), true);
-      }
-    }
+    wgmma::mma_k_blocks<T, 32>(s, q_addr, kBlockBytes, kb_addr + wg * 32 * gmma::kRowBytes, kBlockBytes, ncb);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_operand(s);
