@@ -71,6 +71,7 @@ BENCHES = (
     "grouped_gemm_wgrad",
     "indexer_topk",
     "indexer_logits",
+    "indexer_kl_loss",
     "moe_route",
     "moe_permute",
     "moe_unpermute",
@@ -666,6 +667,51 @@ def bench_indexer_logits(cfg: Cfg, ref) -> list[dict]:
     row = make_row("indexer_logits", f"T={T} S={S}", sh, flops, "2*HI*DI*visible_pairs", ms, errors, "torch_bf16",
                    [], chk)
     row["baseline_note"] = "torch: bf16 matmul scores, relu, bf16 bmm head sum, fp32 mask into a [T,S] buffer"
+    return [row]
+
+
+def bench_indexer_kl_loss(cfg: Cfg, ref) -> list[dict]:
+    """The sparse stage's indexer KL loss, forward + backward, at GLM-5 widths: the main attention's
+    64 x 576 heads (their head-summed probabilities, from the saved lse, are the target) and the indexer's
+    32 x 128, over each query's top-k keys."""
+    sh, q_idx, k_idx, w, ks, ke = _indexer_inputs(cfg)
+    T, S, K = sh["T"], sh["S"], sh["topk"]
+    H, D, HI, DI = 64, 576, sh["HI"], sh["DI"]
+    g = torch.Generator(device=DEV).manual_seed(8)
+    q = randn(T, H, D, gen=g)
+    kv = randn(S, D, gen=g)
+    idx = causal_topk_indices(T, S, K, g)
+    _, lse = torch_sparse_mla_fwd(q, kv, idx, SM_SCALE, 512, chunk_rows(T, K * D * 2 + 2 * H * K * 4))
+    sh = {**sh, "H": H, "D_qk": D, "mode": "sparse"}
+    grad = torch.ones(T, device=DEV)
+    args = (q_idx, k_idx, w, q, kv, lse, ks, ke, SM_SCALE, idx)
+    # Useful work: the target P (2*H*D per pair, once in each direction) and the indexer's scores (2*HI*DI
+    # per pair: once forward, three times backward: recompute, dq_idx, dk_idx).
+    flops = 2 * T * K * (2 * H * D + 4 * HI * DI)
+
+    def both():
+        loss = torch.ops.glm5.indexer_kl_loss_fwd(*args)
+        return loss, torch.ops.glm5.indexer_kl_loss_bwd(grad, *args)
+
+    n = min(T, 32)
+
+    def check():
+        a = (q_idx[:n], k_idx, w[:n], q[:n], kv, lse[:n], ks[:n], ke[:n], SM_SCALE, idx[:n])
+        loss = torch.ops.glm5.indexer_kl_loss_fwd(*a)
+        dq, dk, dw = torch.ops.glm5.indexer_kl_loss_bwd(torch.ones(n, device=DEV), *a)
+        c_loss = with_env("GLM5_WGMMA", "0", lambda: torch.ops.glm5.indexer_kl_loss_fwd(*a))()
+        qf, kf, wf = (t.float().requires_grad_() for t in (q_idx[:n], k_idx, w[:n]))
+        r = ref.indexer_kl_loss(qf, kf, wf, q[:n], kv, lse[:n], ks[:n], ke[:n], SM_SCALE, idx[:n])
+        r.backward()
+        return {**close("loss", loss.sum(), r.detach(), 1e-3), **close("dq_idx", dq, qf.grad, 2e-2),
+                **close("dk_idx", dk, kf.grad, 2e-2), **close("dw", dw, wf.grad, 2e-2),
+                "cuda_core_target_loss_rel_err": rel_err(c_loss.sum(), r.detach()), "rows_checked": n}
+
+    chk = run_check(check)
+    ms, errors = time_group({"glm5": both, "glm5_cuda_core_target": with_env("GLM5_WGMMA", "0", both)}, cfg)
+    row = make_row("indexer_kl_loss", f"T={T} S={S} topk={K}", sh, flops, "2*T*K*(2*H*D + 4*HI*DI), fwd+bwd", ms,
+                   errors, "glm5_cuda_core_target", [], chk)
+    row["baseline_note"] = "the same op with GLM5_WGMMA=0: the target P recomputed on CUDA cores in every pass"
     return [row]
 
 
