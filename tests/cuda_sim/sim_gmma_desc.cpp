@@ -6,7 +6,8 @@
 //   layout: every element's offset equals CuTe's tile_to_shape of the swizzle atom;
 //   desc:   every wgmma's descriptor equals make_gmma_desc of the CuTe slice it reads;
 //   decode: the simulator's address of every element of that slice, from CuTe's descriptor, equals the
-//           slice's own (swizzled) address.
+//           slice's own (swizzled) address;
+// and the accumulator fragment layout against CuTe's CLayout_64xN.
 // Host code only: a stand-in for __cvta_generic_to_shared gives CuTe shared addresses on the CPU.
 #include <cuda_runtime.h>
 
@@ -104,6 +105,29 @@ std::map<std::string, int64_t> check_tiles() {
   return bad;
 }
 
+// The accumulator layout the kernels (and the simulator's wgmma) assume, d[4 i + e] of thread tid =
+// D[16 (tid / 32) + (tid % 32) / 4 + 8 (e / 2)][8 i + 2 (tid % 4) + e % 2], against CuTe's CLayout_64xN
+// ((thread, value) -> m + 64 n) for every N the kernels use. Returns the mismatches.
+template <int N>
+int64_t accumulator_mismatches() {
+  int64_t bad = 0;
+  const auto layout = SM90::GMMA::CLayout_64xN<N>{};
+  for (int tid = 0; tid < 128; ++tid) {
+    for (int v = 0; v < N / 2; ++v) {
+      const int idx = int(layout(tid, v));
+      const int lane = tid % 32, i = v / 4, e = v % 4;
+      const int m = 16 * (tid / 32) + lane / 4 + 8 * (e / 2), n = 8 * i + 2 * (lane % 4) + e % 2;
+      bad += idx != m + 64 * n;
+    }
+  }
+  return bad;
+}
+
+int64_t accumulators() {
+  return accumulator_mismatches<16>() + accumulator_mismatches<32>() + accumulator_mismatches<64>() +
+         accumulator_mismatches<128>() + accumulator_mismatches<192>() + accumulator_mismatches<256>();
+}
+
 std::map<std::string, int64_t> check(int64_t D) {
   switch (D) {
     case 64: return check_tiles<1>();
@@ -115,4 +139,7 @@ std::map<std::string, int64_t> check(int64_t D) {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("check", &check); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("check", &check);
+  m.def("accumulators", &accumulators);
+}

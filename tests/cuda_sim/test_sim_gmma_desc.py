@@ -22,3 +22,7 @@ def test_layouts_and_descriptors_match_cute(sim, D):
     bad = sim.check(D)
     assert bad["checked"] > 0
     assert {k: v for k, v in bad.items() if k != "checked"} == {"layout": 0, "desc": 0, "decode": 0}, bad
+
+
+def test_accumulator_layout_matches_cute(sim):
+    assert sim.accumulators() == 0
