@@ -2,8 +2,9 @@
 // Python for test_sim_indexer_loss.py. The bindings mirror the host launcher (csrc/cuda/indexer_loss/api.cu):
 // same parameter block, input conversions, tiling search (loss_pick_tiling), grids, blocks and sort chunking.
 // The one substitution: cub::DeviceRadixSort (a stable sort of the slots by key) is std::stable_sort.
-// wgmma_target = true also mirrors api.cu's precomputed_target: sparse sets with fp32 accumulation and
-// bf16/fp16 q, kv (D % 64 == 0) take P from the simulated warpgroup-MMA kernel (probs_wgmma_kernel.cuh).
+// target_chunk > 0 also mirrors api.cu's wgmma target: with fp32 accumulation and bf16/fp16 q, kv
+// (D % 64 == 0) the kernels run per chunk of that many queries, reading P from the simulated
+// warpgroup-MMA kernel (probs_wgmma_kernel.cuh).
 // smem_limit plays the device's opt-in shared-memory limit (232448 bytes on an H100/H200); a smaller one
 // forces smaller tilings (fewer keys per tile, several chunks of q's heads).
 #include "cuda_sim.h"
@@ -82,6 +83,7 @@ IndexerLossParams make_params(const Inputs& in, double sm_scale) {
   p.ke = in.ke.data_ptr<int32_t>();
   p.indices = in.indices.defined() ? in.indices.data_ptr<int32_t>() : nullptr;
   p.T = in.T;
+  p.q0 = 0, p.q1 = in.T;
   p.S = int(in.S), p.HI = int(in.q_idx.size(1)), p.DI = int(in.q_idx.size(2)), p.H = int(in.q.size(1));
   p.D = int(in.q.size(2)), p.K = int(in.K);
   p.sm_scale = sm_scale;
@@ -90,44 +92,71 @@ IndexerLossParams make_params(const Inputs& in, double sm_scale) {
   return p;
 }
 
-// P [T, K] of the sparse sets from the warpgroup-MMA kernel, launched as probs_wgmma.cu launches it.
-at::Tensor probs(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& indices,
-                 const at::Tensor& ks, const at::Tensor& ke, double sm_scale) {
+// The target P of queries [q0, q1) from the warpgroup-MMA kernel into P [q1 - q0, ld], launched as
+// probs_wgmma.cu launches it (indices undefined: dense sets).
+void probs_into(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& indices,
+                const at::Tensor& ks, const at::Tensor& ke, double sm_scale, int64_t q0, int64_t q1, at::Tensor& P) {
   namespace pw = glm5::cuda::indexer_probs_wgmma;
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "bf16 or fp16 q");
-  TORCH_CHECK(q.size(2) % 64 == 0 && q.size(1) > 0 && indices.size(1) > 0, "shape outside the kernel's plan");
-  const at::Tensor qc = q.contiguous(), kvc = kv.contiguous(), lc = lse.to(at::kFloat).contiguous();
-  const at::Tensor ic = indices.contiguous(), ksc = ks.contiguous(), kec = ke.contiguous();
-  at::Tensor P = at::full({q.size(0), indices.size(1)}, NAN, q.options().dtype(at::kFloat));
   pw::Params p{};
-  p.q = qc.data_ptr();
-  p.kv = kvc.data_ptr();
-  p.lse = lc.data_ptr<float>();
-  p.indices = ic.data_ptr<int32_t>();
-  p.ks = ksc.data_ptr<int32_t>();
-  p.ke = kec.data_ptr<int32_t>();
+  p.q = q.data_ptr();
+  p.kv = kv.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.indices = indices.defined() ? indices.data_ptr<int32_t>() : nullptr;
+  p.ks = ks.data_ptr<int32_t>();
+  p.ke = ke.data_ptr<int32_t>();
   p.P = P.data_ptr<float>();
+  p.t0 = q0, p.ld = P.size(1);
   p.T = q.size(0);
-  p.S = int(kv.size(0)), p.H = int(q.size(1)), p.D = int(q.size(2)), p.K = int(indices.size(1));
+  p.S = int(kv.size(0)), p.H = int(q.size(1)), p.D = int(q.size(2));
+  p.K = indices.defined() ? int(indices.size(1)) : 0;
   p.sm_scale = sm_scale;
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    glm5_sim::launch(dim3(unsigned(p.T)), dim3(pw::kThreads), pw::smem_bytes(p.D),
+    glm5_sim::launch(dim3(unsigned(q1 - q0)), dim3(pw::kThreads), pw::smem_bytes(p.D),
                      [&] { pw::head_summed_probs_wgmma_kernel<T>(p); });
   };
   if (q.scalar_type() == at::kBFloat16) go(__nv_bfloat16{});
   else go(__half{});
+}
+
+// P [T, width] of every query's set (sparse: width K; dense: S), NaN past each set's positions.
+at::Tensor probs(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
+                 const std::optional<at::Tensor>& indices, const at::Tensor& ks, const at::Tensor& ke,
+                 double sm_scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "bf16 or fp16 q");
+  TORCH_CHECK(q.size(2) % 64 == 0 && q.size(1) > 0, "shape outside the kernel's plan");
+  const at::Tensor qc = q.contiguous(), kvc = kv.contiguous(), lc = lse.to(at::kFloat).contiguous();
+  const at::Tensor ic = indices.has_value() ? indices->contiguous() : at::Tensor();
+  const int64_t width = ic.defined() ? ic.size(1) : kv.size(0);
+  at::Tensor P = at::full({q.size(0), width}, NAN, q.options().dtype(at::kFloat));
+  probs_into(qc, kvc, lc, ic, ks.contiguous(), ke.contiguous(), sm_scale, 0, q.size(0), P);
   return P;
 }
 
-// api.cu's precomputed_target: P from the wgmma kernel where it applies, else undefined.
-at::Tensor target(const Inputs& in, const at::Tensor& q, const at::Tensor& kv, double sm_scale, bool wgmma_target) {
-  if (!wgmma_target || !in.indices.defined() || in.lse.scalar_type() != at::kFloat) return {};
+// api.cu's plan_target + for_query_chunks: with target_chunk > 0 and inputs the wgmma target takes, calls
+// launch() per chunk of that many queries after filling p.P_pre; otherwise once over every query.
+template <typename F>
+void for_query_chunks(IndexerLossParams& p, const Inputs& in, const at::Tensor& q, const at::Tensor& kv,
+                      double sm_scale, int64_t target_chunk, F&& launch) {
   const auto dt = q.scalar_type();
-  if ((dt != at::kBFloat16 && dt != at::kHalf) || kv.scalar_type() != dt || q.size(2) % 64 != 0 || q.size(1) == 0 ||
-      in.K == 0)
-    return {};
-  return probs(q, kv, in.lse, in.indices, in.ks, in.ke, sm_scale);
+  const bool wgmma = target_chunk > 0 && in.lse.scalar_type() == at::kFloat &&
+                     (dt == at::kBFloat16 || dt == at::kHalf) && kv.scalar_type() == dt && q.size(1) > 0 &&
+                     q.size(2) % 64 == 0;
+  if (!wgmma) {
+    p.q0 = 0, p.q1 = in.T;
+    launch();
+    return;
+  }
+  const at::Tensor qc = q.contiguous(), kvc = kv.contiguous();
+  const int64_t chunk = std::min(target_chunk, in.T), width = in.indices.defined() ? in.K : in.S;
+  at::Tensor P = at::full({chunk, width}, NAN, qc.options().dtype(at::kFloat));
+  p.P_pre = P.data_ptr<float>();
+  p.P_ld = width;
+  for (int64_t q0 = 0; q0 < in.T; q0 += chunk) {
+    p.q0 = q0, p.q1 = std::min(in.T, q0 + chunk);
+    probs_into(qc, kvc, in.lse, in.indices, in.ks, in.ke, sm_scale, p.q0, p.q1, P);
+    launch();
+  }
 }
 
 bool nothing_to_do(const Inputs& in) { return in.T == 0 || in.S == 0 || (in.indices.defined() && in.K == 0); }
@@ -144,21 +173,22 @@ std::tuple<at::Tensor, std::vector<int64_t>> fwd(const at::Tensor& q_idx, const 
                                                  const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
                                                  const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
                                                  const std::optional<at::Tensor>& indices, int64_t smem_limit,
-                                                 bool wgmma_target) {
+                                                 int64_t target_chunk) {
   const Inputs in = prepare(q_idx, k_idx, w, q, kv, lse, ks, ke, indices);
   std::vector<int64_t> tiling;
   if (nothing_to_do(in)) return {at::zeros({in.T}, q_idx.options().dtype(acc_type(q_idx))), tiling};
   at::Tensor loss = at::empty({in.T}, q_idx.options().dtype(acc_type(q_idx)));
   IndexerLossParams p = make_params(in, sm_scale);
   p.loss = loss.data_ptr();
-  const at::Tensor pre = target(in, q, kv, sm_scale, wgmma_target);
-  p.P_pre = pre.defined() ? pre.data_ptr<float>() : nullptr;
   dispatch_types(q_idx.scalar_type(), in.main_same, [&](auto ti, auto tm, auto tc) {
     using Ti = decltype(ti);
     using Tm = decltype(tm);
     using ct = decltype(tc);
     const size_t smem = pick(p, size_t(smem_limit), loss_fwd_smem<ct>);
-    glm5_sim::launch(dim3(unsigned(in.T)), dim3(kLossThreads), smem, [&] { indexer_loss_fwd_kernel<Ti, Tm, ct>(p); });
+    for_query_chunks(p, in, q, kv, sm_scale, target_chunk, [&] {
+      glm5_sim::launch(dim3(unsigned(p.q1 - p.q0)), dim3(kLossThreads), smem,
+                       [&] { indexer_loss_fwd_kernel<Ti, Tm, ct>(p); });
+    });
     tiling = {p.bs, p.hb};
   });
   return {loss, tiling};
@@ -195,7 +225,7 @@ void sparse_dk(IndexerLossParams p, const Inputs& in, int64_t sort_entries) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bwd(
     const at::Tensor& grad, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q,
     const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
-    const std::optional<at::Tensor>& indices, int64_t smem_limit, int64_t sort_entries, bool wgmma_target) {
+    const std::optional<at::Tensor>& indices, int64_t smem_limit, int64_t sort_entries, int64_t target_chunk) {
   const Inputs in = prepare(q_idx, k_idx, w, q, kv, lse, ks, ke, indices);
   const auto acc = acc_type(q_idx);
   const auto opts = q_idx.options().dtype(acc);
@@ -215,25 +245,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bwd(
     p.dk = dk.data_ptr();
     p.stats = stats.data_ptr();
     p.dI = sparse ? dI.data_ptr() : nullptr;
-    const at::Tensor pre = target(in, q, kv, sm_scale, wgmma_target);
-    p.P_pre = pre.defined() ? pre.data_ptr<float>() : nullptr;
     dispatch_types(q_idx.scalar_type(), in.main_same, [&](auto ti, auto tm, auto tc) {
       using Ti = decltype(ti);
       using Tm = decltype(tm);
       using ct = decltype(tc);
-      size_t smem = pick(p, size_t(smem_limit), loss_bwd_query_smem<ct>);
+      IndexerLossParams pk = p;
+      const size_t smem_k = sparse ? 0 : pick(pk, size_t(smem_limit), loss_dk_dense_smem<ct>);
+      const size_t smem = pick(p, size_t(smem_limit), loss_bwd_query_smem<ct>);
       tiling = {p.bs, p.hb};
-      glm5_sim::launch(dim3(unsigned(in.T)), dim3(kLossThreads), smem,
-                       [&] { indexer_loss_bwd_query_kernel<Ti, Tm, ct>(p); });
-      if (sparse) {
-        sparse_dk<Ti, ct>(p, in, sort_entries);
-      } else {
-        smem = pick(p, size_t(smem_limit), loss_dk_dense_smem<ct>);
-        tiling.push_back(p.bs);
-        tiling.push_back(p.hb);
-        glm5_sim::launch(dim3(unsigned((in.S + p.bs - 1) / p.bs)), dim3(kLossThreads), smem,
-                         [&] { indexer_loss_bwd_dk_dense_kernel<Ti, Tm, ct>(p); });
-      }
+      if (!sparse) tiling.insert(tiling.end(), {pk.bs, pk.hb});
+      for_query_chunks(p, in, q, kv, sm_scale, target_chunk, [&] {
+        glm5_sim::launch(dim3(unsigned(p.q1 - p.q0)), dim3(kLossThreads), smem,
+                         [&] { indexer_loss_bwd_query_kernel<Ti, Tm, ct>(p); });
+        if (!sparse) {
+          pk.q0 = p.q0, pk.q1 = p.q1, pk.P_pre = p.P_pre, pk.P_ld = p.P_ld;
+          glm5_sim::launch(dim3(unsigned((in.S + pk.bs - 1) / pk.bs)), dim3(kLossThreads), smem_k,
+                           [&] { indexer_loss_bwd_dk_dense_kernel<Ti, Tm, ct>(pk); });
+        }
+      });
+      if (sparse) sparse_dk<Ti, ct>(p, in, sort_entries);
     });
   }
   return {dq.to(q_idx.scalar_type()), dk.to(k_idx.scalar_type()), dw.to(w.scalar_type()), tiling};
@@ -245,9 +275,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("fwd", &fwd, py::arg("q_idx"), py::arg("k_idx"), py::arg("w"), py::arg("q"), py::arg("kv"), py::arg("lse"),
         py::arg("ks"), py::arg("ke"), py::arg("sm_scale"), py::arg("indices"), py::arg("smem_limit"),
-        py::arg("wgmma_target") = false);
+        py::arg("target_chunk") = 0);
   m.def("bwd", &bwd, py::arg("grad"), py::arg("q_idx"), py::arg("k_idx"), py::arg("w"), py::arg("q"), py::arg("kv"),
         py::arg("lse"), py::arg("ks"), py::arg("ke"), py::arg("sm_scale"), py::arg("indices"), py::arg("smem_limit"),
-        py::arg("sort_entries"), py::arg("wgmma_target") = false);
+        py::arg("sort_entries"), py::arg("target_chunk") = 0);
   m.def("probs", &probs);
 }

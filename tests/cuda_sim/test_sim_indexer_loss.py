@@ -46,22 +46,22 @@ def sim():
     return load_sim("glm5_cuda_sim_indexer_loss", "sim_indexer_loss.cpp")
 
 
-def sim_fwd(sim, x: Inputs, smem: int = H100_SMEM, wgmma_target: bool = False) -> torch.Tensor:
-    return sim.fwd(*x.args(), smem, wgmma_target)[0]
+def sim_fwd(sim, x: Inputs, smem: int = H100_SMEM, target_chunk: int = 0) -> torch.Tensor:
+    return sim.fwd(*x.args(), smem, target_chunk)[0]
 
 
 def sim_bwd(sim, g: torch.Tensor, x: Inputs, smem: int = H100_SMEM, sort_entries: int = 1 << 24,
-            wgmma_target: bool = False) -> tuple:
-    return tuple(sim.bwd(g, *x.args(), smem, sort_entries, wgmma_target)[:3])
+            target_chunk: int = 0) -> tuple:
+    return tuple(sim.bwd(g, *x.args(), smem, sort_entries, target_chunk)[:3])
 
 
 def compare(sim, case: Case, dtype: torch.dtype, main_dtype: torch.dtype | None = None, smem: int = H100_SMEM,
-            wgmma_target: bool = False):
+            target_chunk: int = 0):
     x = make_inputs(case, dtype, main_dtype)
     wide = x.to(torch.float64)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     n = longest_sum(case)
-    out = sim_fwd(sim, x, smem, wgmma_target)
+    out = sim_fwd(sim, x, smem, target_chunk)
     assert out.dtype == acc and out.shape == (case.T,)
     truth = reference_per_query(wide)
     lowp = reference_per_query(x) if dtype != torch.float64 else None
@@ -69,7 +69,7 @@ def compare(sim, case: Case, dtype: torch.dtype, main_dtype: torch.dtype | None 
     empty = empty_rows(x)
     assert torch.equal(out[empty], torch.zeros_like(out[empty]))
     g = torch.rand(case.T, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 0.5
-    grads = sim_bwd(sim, g, x, smem, wgmma_target=wgmma_target)
+    grads = sim_bwd(sim, g, x, smem, target_chunk=target_chunk)
     truth_grads = grads_of_sum(wide, "reference", g)
     lowp_grads = grads_of_sum(x, "reference", g.to(acc)) if dtype != torch.float64 else (None,) * 3
     for name, a, t, lp in zip(("dq_idx", "dk_idx", "dw"), grads, truth_grads, lowp_grads):
@@ -170,13 +170,15 @@ def test_sim_values_are_clamped(sim, name):
         assert all(torch.equal(u, v) for u, v in zip(got, want)), name
 
 
-# The sparse target P from the warpgroup-MMA kernel (probs_wgmma_kernel.cuh), as api.cu takes it for
-# bf16/fp16 main attention inputs with D % 64 == 0: the kernel alone against the reference's
+# The target P from the warpgroup-MMA kernel (probs_wgmma_kernel.cuh), as api.cu takes it for bf16/fp16
+# main attention inputs with D % 64 == 0, per chunk of queries: the kernel alone against the reference's
 # head_summed_probs, then the whole loss and its gradients with the tile kernels reading it.
 WGMMA_TARGET = [
     Case(T=3, S=50, HI=4, DI=16, H=20, D=64, K=40, docs=2, pad=0.2, dup=True, outside=0.1),  # 44 padded rows
     Case(T=2, S=90, HI=4, DI=16, H=80, D=128, K=70, lse_inf=True),  # two head groups; +inf heads skipped
     Case(T=3, S=30, HI=4, DI=16, H=8, D=64, K=12, dead_rows=1, pad=0.3),  # a row with no valid slot
+    Case(T=4, S=70, HI=4, DI=16, H=20, D=64, docs=2, empty_every=3),  # dense: visible ranges, an empty one
+    Case(T=3, S=100, HI=4, DI=16, H=70, D=128, lse_inf=True),  # dense, two head groups, 2 blocks of keys
     GLM5_SPARSE,
 ]
 
@@ -190,19 +192,37 @@ def test_sim_wgmma_target(sim, case, dtype):
     S = x.kv.shape[0]
     lo = x.ks.clamp(0, S)
     hi = torch.maximum(lo, x.ke.clamp(max=S))
-    keys = x.indices.masked_fill((x.indices < lo[:, None]) | (x.indices >= hi[:, None]), -1)
+    if x.indices is None:  # dense: position j of query t is key lo + j
+        keys = lo[:, None] + torch.arange(S)[None, :]
+        keys = keys.masked_fill(keys >= hi[:, None], -1)
+    else:
+        keys = x.indices.masked_fill((x.indices < lo[:, None]) | (x.indices >= hi[:, None]), -1)
     got = sim.probs(x.q, x.kv, x.lse.float(), x.indices, x.ks, x.ke, x.sm_scale)
     want = reference.head_summed_probs(x.q.double(), x.kv.double(), x.lse.float().double(), keys, x.sm_scale)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * max(1.0, float(want.abs().max())))
-    compare(sim, case, dtype, wgmma_target=True)
+    inside = keys >= 0
+    if x.indices is None:
+        assert torch.isnan(got[~inside]).all(), "dense: nothing written past a query's visible keys"
+    torch.testing.assert_close(got.double()[inside], want[inside], rtol=1e-4,
+                               atol=1e-6 * max(1.0, float(want.abs().max())))
+    compare(sim, case, dtype, target_chunk=2)
+
+
+@pytest.mark.parametrize("case", [WGMMA_TARGET[0], WGMMA_TARGET[3]], ids=str)
+def test_sim_wgmma_target_chunks_are_bitwise_neutral(sim, case):
+    # One query per chunk, two, or all: every bit equal (dense dk adds its chunks in t order).
+    x = make_inputs(case, torch.bfloat16)
+    g = torch.rand(case.T) + 0.5
+    runs = [(sim_fwd(sim, x, target_chunk=n),) + sim_bwd(sim, g, x, target_chunk=n) for n in (1, 2, case.T)]
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
 
 
 def test_sim_wgmma_target_matches_tile_kernels(sim):
     # Same losses and gradients, whichever kernel computes P (to fp32 rounding of the sums).
-    x = make_inputs(WGMMA_TARGET[1], torch.bfloat16)
-    g = torch.rand(x.q.shape[0]) + 0.5
-    a = (sim_fwd(sim, x),) + sim_bwd(sim, g, x)
-    b = (sim_fwd(sim, x, wgmma_target=True),) + sim_bwd(sim, g, x, wgmma_target=True)
-    for name, u, v in zip(("loss", "dq_idx", "dk_idx", "dw"), a, b):
-        torch.testing.assert_close(u.float(), v.float(), rtol=1e-3, atol=1e-3 * max(1.0, float(u.abs().max())),
-                                   msg=name)
+    for case in (WGMMA_TARGET[1], WGMMA_TARGET[4]):
+        x = make_inputs(case, torch.bfloat16)
+        g = torch.rand(x.q.shape[0]) + 0.5
+        a = (sim_fwd(sim, x),) + sim_bwd(sim, g, x)
+        b = (sim_fwd(sim, x, target_chunk=case.T),) + sim_bwd(sim, g, x, target_chunk=case.T)
+        for name, u, v in zip(("loss", "dq_idx", "dk_idx", "dw"), a, b):
+            torch.testing.assert_close(u.float(), v.float(), rtol=1e-3, atol=1e-3 * max(1.0, float(u.abs().max())),
+                                       msg=name)

@@ -263,11 +263,14 @@ def test_deterministic(case, dtype, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, _run(x, g))), "the sort chunking changed the results"
 
 
-# Sparse sets with bf16/fp16 q, kv and D % 64 == 0 take their target P from the warpgroup-MMA kernel on an
-# sm_90 GPU (csrc/cuda/indexer_loss/probs_wgmma_kernel.cuh); GLM5_WGMMA=0 computes it on CUDA cores instead.
+# With bf16/fp16 q, kv and D % 64 == 0 the target P comes from the warpgroup-MMA kernel on an sm_90 GPU
+# (csrc/cuda/indexer_loss/probs_wgmma_kernel.cuh), per chunk of queries; GLM5_WGMMA=0 computes it on CUDA
+# cores instead, and GLM5_INDEXER_LOSS_TARGET_BYTES shrinks the chunks.
 WGMMA_TARGET = [
     Case(T=32, S=300, HI=8, DI=32, H=80, D=128, K=96, docs=2, outside=0.1, pad=0.1, dup=True, lse_inf=True),
+    Case(T=40, S=400, HI=8, DI=32, H=70, D=128, docs=3, empty_every=7, lse_inf=True),  # dense
     EXTRA[3],
+    EXTRA[2],  # dense at GLM-5 widths
 ]
 
 
@@ -282,6 +285,9 @@ def test_wgmma_target(case, dtype, monkeypatch):
     g = (torch.rand(case.T) + 0.5).cuda()
     on = _run(x, g)
     assert all(torch.equal(a, b) for a, b in zip(on, _run(x, g))), "not deterministic"
+    width = case.K or case.S
+    monkeypatch.setitem(os.environ, "GLM5_INDEXER_LOSS_TARGET_BYTES", str(4 * width * 3))  # chunks of 3 queries
+    assert all(torch.equal(a, b) for a, b in zip(on, _run(x, g))), "the query chunking changed the results"
     monkeypatch.setitem(os.environ, "GLM5_WGMMA", "0")
     off = _run(x, g)
     for name, a, b in zip(("loss", "dq_idx", "dk_idx", "dw"), on, off):

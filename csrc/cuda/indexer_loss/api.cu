@@ -33,6 +33,7 @@ using namespace glm5::cuda;
 using glm5::indexer_loss_checks::Dims;
 
 constexpr int64_t kSortEntries = int64_t(1) << 24;  // sparse dk: slots sorted per query chunk (~16 B each)
+constexpr int64_t kTargetBytes = int64_t(256) << 20;  // the wgmma target's buffer per query chunk
 
 at::ScalarType acc_type(const at::Tensor& q_idx) { return acc_dtype(q_idx.scalar_type()); }
 
@@ -103,6 +104,7 @@ IndexerLossParams make_params(const Inputs& in, const Dims& d, double sm_scale) 
   p.ke = in.ke.data_ptr<int32_t>();
   p.indices = in.indices.defined() ? in.indices.data_ptr<int32_t>() : nullptr;
   p.T = d.T;
+  p.q0 = 0, p.q1 = d.T;
   p.S = int(d.S), p.HI = int(d.HI), p.DI = int(d.DI), p.H = int(d.H), p.D = int(d.D), p.K = int(d.K);
   p.sm_scale = sm_scale;
   p.ldm = odd_stride(p.D);
@@ -127,12 +129,51 @@ void allow_smem(Kernel kernel, size_t bytes) {
 // True when no query can have a key in its set: the loss and every gradient are zero.
 bool nothing_to_do(const Dims& d, bool sparse) { return d.T == 0 || d.S == 0 || (sparse && d.K == 0); }
 
-// Sparse sets with fp32 accumulation: the target P of every slot on Hopper's tensor cores (probs_wgmma.h),
-// read by the tile kernels instead of recomputing it from q, kv and lse in every pass; undefined when that
-// kernel does not apply (the tile kernels then compute P themselves).
-at::Tensor precomputed_target(const Inputs& in, const at::Tensor& q, const at::Tensor& kv, double sm_scale) {
-  if (!in.indices.defined() || in.lse.scalar_type() != at::kFloat) return {};
-  return indexer_loss_target_wgmma(q.contiguous(), kv.contiguous(), in.lse, in.indices, in.ks, in.ke, sm_scale);
+// The bytes of one query chunk's target buffer; GLM5_INDEXER_LOSS_TARGET_BYTES overrides (tests force tiny chunks).
+int64_t target_bytes() {
+  const char* env = std::getenv("GLM5_INDEXER_LOSS_TARGET_BYTES");
+  return env != nullptr ? std::max<int64_t>(std::atoll(env), 1) : kTargetBytes;
+}
+
+// The target P on Hopper's tensor cores (probs_wgmma.h), read by the tile kernels instead of recomputing it
+// from q, kv and lse in every pass: for fp32 accumulation with bf16/fp16 q and kv, in query chunks whose
+// [chunk, width] fp32 buffer stays within target_bytes() (width = K sparse, S dense). P undefined: the
+// tile kernels compute P themselves, in one launch over all queries.
+struct Target {
+  at::Tensor q, kv, P;
+  int64_t chunk = 0;
+};
+
+Target plan_target(const Inputs& in, const Dims& d, const at::Tensor& q, const at::Tensor& kv) {
+  Target tg;
+  if (in.lse.scalar_type() != at::kFloat) return tg;
+  tg.q = q.contiguous();
+  tg.kv = kv.contiguous();
+  if (!indexer_loss_target_wgmma_ok(tg.q, tg.kv, in.lse)) return {};
+  const int64_t width = in.indices.defined() ? d.K : d.S;
+  tg.chunk = std::clamp<int64_t>(target_bytes() / (4 * width), 1, d.T);
+  tg.P = at::empty({tg.chunk, width}, tg.q.options().dtype(at::kFloat));
+  return tg;
+}
+
+// Calls launch() with p's query range [q0, q1) set: per chunk after computing its target into tg.P, or
+// once over every query without one.
+template <typename F>
+void for_query_chunks(IndexerLossParams& p, const Target& tg, const Inputs& in, const Dims& d, double sm_scale,
+                      F&& launch) {
+  if (!tg.P.defined()) {
+    p.q0 = 0, p.q1 = d.T;
+    launch();
+    return;
+  }
+  at::Tensor P = tg.P;
+  p.P_pre = P.data_ptr<float>();
+  p.P_ld = P.size(1);
+  for (int64_t q0 = 0; q0 < d.T; q0 += tg.chunk) {
+    p.q0 = q0, p.q1 = std::min(d.T, q0 + tg.chunk);
+    indexer_loss_target_wgmma(tg.q, tg.kv, in.lse, in.indices, in.ks, in.ke, sm_scale, p.q0, p.q1, P);
+    launch();
+  }
 }
 
 at::Tensor indexer_kl_loss_fwd_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
@@ -147,8 +188,7 @@ at::Tensor indexer_kl_loss_fwd_cuda(const at::Tensor& q_idx, const at::Tensor& k
   at::Tensor loss = at::empty({d.T}, q_idx.options().dtype(acc));  // every query's CTA writes its entry
   IndexerLossParams p = make_params(in, d, sm_scale);
   p.loss = loss.data_ptr();
-  const at::Tensor target = precomputed_target(in, q, kv, sm_scale);
-  p.P_pre = target.defined() ? target.data_ptr<float>() : nullptr;
+  const Target tg = plan_target(in, d, q, kv);
   const size_t limit = max_smem_optin(q_idx.get_device());
   dispatch_types(q_idx.scalar_type(), in.main_same, "indexer_kl_loss_fwd", [&](auto ti, auto tm, auto tc) {
     using Ti = decltype(ti);
@@ -157,8 +197,10 @@ at::Tensor indexer_kl_loss_fwd_cuda(const at::Tensor& q_idx, const at::Tensor& k
     const size_t smem = pick_tiling(p, limit, loss_fwd_smem<ct>, "indexer_kl_loss_fwd");
     auto kernel = indexer_loss_fwd_kernel<Ti, Tm, ct>;
     allow_smem(kernel, smem);
-    kernel<<<unsigned(d.T), kLossThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for_query_chunks(p, tg, in, d, sm_scale, [&] {
+      kernel<<<unsigned(p.q1 - p.q0), kLossThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return loss;
 }
@@ -236,28 +278,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_bwd_cuda(
     p.dk = dk.data_ptr();
     p.stats = stats.data_ptr();
     p.dI = sparse ? dI.data_ptr() : nullptr;
-    const at::Tensor target = precomputed_target(in, q, kv, sm_scale);
-    p.P_pre = target.defined() ? target.data_ptr<float>() : nullptr;
+    const Target tg = plan_target(in, d, q, kv);
     const size_t limit = max_smem_optin(q_idx.get_device());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     dispatch_types(q_idx.scalar_type(), in.main_same, "indexer_kl_loss_bwd", [&](auto ti, auto tm, auto tc) {
       using Ti = decltype(ti);
       using Tm = decltype(tm);
       using ct = decltype(tc);
-      size_t smem = pick_tiling(p, limit, loss_bwd_query_smem<ct>, "indexer_kl_loss_bwd");
+      // Both kernels' tilings first (the dk tiling may be smaller: the query kernel keeps its own).
+      IndexerLossParams pk = p;
+      size_t smem_k = sparse ? 0 : pick_tiling(pk, limit, loss_dk_dense_smem<ct>, "indexer_kl_loss_bwd");
+      const size_t smem = pick_tiling(p, limit, loss_bwd_query_smem<ct>, "indexer_kl_loss_bwd");
       auto kq = indexer_loss_bwd_query_kernel<Ti, Tm, ct>;
+      auto kk = indexer_loss_bwd_dk_dense_kernel<Ti, Tm, ct>;
       allow_smem(kq, smem);
-      kq<<<unsigned(d.T), kLossThreads, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (sparse) {
-        sparse_dk<Ti, ct>(p, d, opts, stream);
-      } else {
-        smem = pick_tiling(p, limit, loss_dk_dense_smem<ct>, "indexer_kl_loss_bwd");
-        auto kk = indexer_loss_bwd_dk_dense_kernel<Ti, Tm, ct>;
-        allow_smem(kk, smem);
-        kk<<<unsigned((d.S + p.bs - 1) / p.bs), kLossThreads, smem, stream>>>(p);
+      if (!sparse) allow_smem(kk, smem_k);
+      for_query_chunks(p, tg, in, d, sm_scale, [&] {
+        kq<<<unsigned(p.q1 - p.q0), kLossThreads, smem, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+        if (!sparse) {  // dk over this chunk's queries, added in t order to the previous chunks'
+          pk.q0 = p.q0, pk.q1 = p.q1, pk.P_pre = p.P_pre, pk.P_ld = p.P_ld;
+          kk<<<unsigned((d.S + pk.bs - 1) / pk.bs), kLossThreads, smem_k, stream>>>(pk);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+      if (sparse) sparse_dk<Ti, ct>(p, d, opts, stream);
     });
   }
   return {dq.to(q_idx.scalar_type()), dk.to(k_idx.scalar_type()), dw.to(w.scalar_type())};

@@ -25,9 +25,9 @@
 // - Every per-key quantity (dot products in increasing d, P over heads in increasing h, I over indexer
 //   heads in increasing j) is computed by the same code in every kernel, so the ReLU masks and dI agree
 //   bit for bit between the dq_idx/dw and the dk_idx kernels.
-// - Sparse sets with bf16/fp16 main attention inputs on Hopper: P is computed once per op call by a
-//   warpgroup-MMA kernel (probs_wgmma_kernel.cuh) into p.P_pre [T, K], which score_tile then reads (the
-//   kv rows and the head loop are skipped): the tile kernels keep only the indexer's small dot products.
+// - bf16/fp16 main attention inputs on Hopper: P is computed once per op call and chunk of queries
+//   [q0, q1) by a warpgroup-MMA kernel (probs_wgmma_kernel.cuh) into p.P_pre, which score_tile then reads
+//   (the kv rows and the head loop are skipped): the tile kernels keep only the indexer's dot products.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -194,7 +194,8 @@ __device__ inline void load_rows(const IndexerLossParams& p, const LossSmem<ct>&
 // Scores the tile whose key[] the caller wrote (then synced): kvt/kt rows, sidx[j][k] = q_idx_j . k_idx_k,
 // P[k] and I[k] (0 and -inf where key = -1). Needs qi/wi/lse of query t loaded. Starts by loading rows, so
 // the caller must have synced after the previous tile's last reader of kvt/kt/sidx/P/I; ends synced.
-// With p.P_pre (sparse sets), P[k] is read from it at slot k0 + k instead.
+// With p.P_pre, P[k] is read from it at position k0 + k of query t's set instead (k0 may be negative in
+// the dense dk kernel; positions of keys in the set are not).
 template <typename Ti, typename Tm, typename ct>
 __device__ inline void score_tile(const IndexerLossParams& p, const LossSmem<ct>& s, int64_t t, int k0) {
   const int bs = p.bs, HI = p.HI, DI = p.DI, D = p.D, H = p.H, ldi = p.ldi, ldm = p.ldm;
@@ -207,7 +208,7 @@ __device__ inline void score_tile(const IndexerLossParams& p, const LossSmem<ct>
     s.sidx[i] = s.key[k] >= 0 ? dot_seq(s.qi + j * ldi, s.kt + k * ldi, DI) : ct(0);
   }
   for (int k = threadIdx.x; k < bs; k += blockDim.x)
-    s.P[k] = p.P_pre != nullptr && s.key[k] >= 0 ? static_cast<ct>(p.P_pre[t * p.K + k0 + k]) : ct(0);
+    s.P[k] = p.P_pre != nullptr && s.key[k] >= 0 ? static_cast<ct>(p.P_pre[(t - p.q0) * p.P_ld + k0 + k]) : ct(0);
   for (int h0 = 0; p.P_pre == nullptr && h0 < H; h0 += p.hb) {
     const int hn = min(p.hb, H - h0);
     // Safe to overwrite qh: its last readers (the previous chunk's exp loop) finished at the sync below.
@@ -305,12 +306,12 @@ __host__ __device__ inline size_t loss_fwd_smem(const IndexerLossParams& p) {
   return loss_smem_bytes<ct>(p, 0);
 }
 
-// One CTA per query: loss[t] = KL(p_t || softmax(I_t)), 0 for an empty set.
+// One CTA per query t of [q0, q1): loss[t] = KL(p_t || softmax(I_t)), 0 for an empty set.
 template <typename Ti, typename Tm, typename ct>
 __global__ void __launch_bounds__(kLossThreads) indexer_loss_fwd_kernel(const IndexerLossParams p) {
   unsigned char* smem_raw = dynamic_smem();
   const LossSmem<ct> s = loss_smem<ct>(p, smem_raw, 0);
-  const int64_t t = blockIdx.x;
+  const int64_t t = p.q0 + blockIdx.x;
   int lo, hi;
   loss_range(p, t, lo, hi);
   load_query<Ti, ct>(p, s, t);  // (synced inside the first tile)
@@ -346,7 +347,7 @@ __host__ __device__ inline size_t loss_bwd_query_smem(const IndexerLossParams& p
   return loss_smem_bytes<ct>(p, bwd_query_acc_elems(p));
 }
 
-// One CTA per query: dq_idx[t], dw[t]; saves stats[t] (dense dk kernel) or dI per slot (sparse).
+// One CTA per query t of [q0, q1): dq_idx[t], dw[t]; saves stats[t] (dense dk kernel) or dI per slot (sparse).
 template <typename Ti, typename Tm, typename ct>
 __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_query_kernel(const IndexerLossParams p) {
   unsigned char* smem_raw = dynamic_smem();
@@ -354,7 +355,7 @@ __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_query_kernel(co
   const int HI = p.HI, DI = p.DI, bs = p.bs, ldi = p.ldi;
   ct* dq = s.acc;            // [HI][DI]
   ct* dw = s.acc + HI * DI;  // [HI]
-  const int64_t t = blockIdx.x;
+  const int64_t t = p.q0 + blockIdx.x;
   int lo, hi;
   loss_range(p, t, lo, hi);
   load_query<Ti, ct>(p, s, t);
@@ -414,8 +415,10 @@ __host__ __device__ inline size_t loss_dk_dense_smem(const IndexerLossParams& p)
   return loss_smem_bytes<ct>(p, dk_dense_acc_elems(p));
 }
 
-// One CTA per tile of bs keys [s0, s0 + nk); every query in increasing t whose visible range meets the
-// tile: dk[s] += sum_j G[j][s] q_idx[t, j] with dI recomputed from stats[t] (written by the query kernel).
+// One CTA per tile of bs keys [s0, s0 + nk); every query of [q0, q1) in increasing t whose visible range
+// meets the tile: dk[s] += sum_j G[j][s] q_idx[t, j] with dI recomputed from stats[t] (written by the query
+// kernel). dk (zero-filled by the host) is read first, so launches over consecutive query chunks add up to
+// the same sequential sum in t.
 template <typename Ti, typename Tm, typename ct>
 __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_dk_dense_kernel(const IndexerLossParams p) {
   unsigned char* smem_raw = dynamic_smem();
@@ -423,9 +426,10 @@ __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_dk_dense_kernel
   const int HI = p.HI, DI = p.DI, bs = p.bs, ldi = p.ldi;
   const int s0 = blockIdx.x * bs, nk = min(bs, p.S - s0);
   ct* acc = s.acc;  // [bs][DI]
-  for (int i = threadIdx.x; i < bs * DI; i += blockDim.x) acc[i] = ct(0);
+  ct* dk = static_cast<ct*>(p.dk) + int64_t(s0) * DI;
+  for (int i = threadIdx.x; i < bs * DI; i += blockDim.x) acc[i] = i < nk * DI ? dk[i] : ct(0);
   const ct* stats = static_cast<const ct*>(p.stats);
-  for (int64_t t = 0; t < p.T; ++t) {
+  for (int64_t t = p.q0; t < p.q1; ++t) {
     int lo, hi;
     loss_range(p, t, lo, hi);
     const int a = max(lo, s0), b = min(hi, s0 + nk);
@@ -435,7 +439,7 @@ __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_dk_dense_kernel
     if (threadIdx.x < 4) s.red[threadIdx.x] = stats[t * 4 + threadIdx.x];
     for (int k = threadIdx.x; k < bs; k += blockDim.x) s.key[k] = (s0 + k >= a && s0 + k < b) ? s0 + k : -1;
     __syncthreads();
-    score_tile<Ti, Tm, ct>(p, s, t, 0);  // dense: P_pre is null
+    score_tile<Ti, Tm, ct>(p, s, t, s0 - lo);  // positions count from lo
     for (int k = threadIdx.x; k < bs; k += blockDim.x) s.dI[k] = s.key[k] >= 0 ? loss_dI(s.P[k], s.I[k], s.red) : ct(0);
     __syncthreads();
     for (int i = threadIdx.x; i < HI * bs; i += blockDim.x) {  // G, as the query kernel forms it
@@ -451,7 +455,6 @@ __global__ void __launch_bounds__(kLossThreads) indexer_loss_bwd_dk_dense_kernel
     }
   }
   __syncthreads();
-  ct* dk = static_cast<ct*>(p.dk) + int64_t(s0) * DI;
   for (int i = threadIdx.x; i < nk * DI; i += blockDim.x) dk[i] = acc[i];
 }
 

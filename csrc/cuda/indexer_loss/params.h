@@ -17,10 +17,12 @@ struct IndexerLossParams {
   const int32_t* ke;       // [T] one past the last visible key (clamped to [ks, S])
   const int32_t* indices;  // [T, K] or null (dense mode); a slot outside [ks, ke) is not in the set
   const void* grad;        // [T] compute dtype (backward)
-  // [T, K] fp32 or null: the sparse set's head-summed target P precomputed per slot (probs_wgmma_kernel.cuh);
-  // the tile kernels then read it instead of computing P from q, kv and lse (sparse mode, float compute).
+  // Null, or the target P of the launch's queries precomputed per position of their sets (probs_wgmma_kernel.cuh):
+  // row t - q0 of P_ld fp32 values; the tile kernels then read it instead of computing P from q, kv and lse.
   const float* P_pre;
+  int64_t P_ld;
   int64_t T;
+  int64_t q0, q1;  // the queries of this launch of the per-query and dense dk kernels: [q0, q1)
   int S, HI, DI, H, D, K;
   double sm_scale;
   // Tiling (picked by the host to fit shared memory).

@@ -2,8 +2,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <cstdlib>
-
 #include "../common/host_utils.h"
 #include "probs_wgmma.h"
 #include "probs_wgmma_kernel.cuh"
@@ -12,38 +10,43 @@ namespace glm5::cuda {
 
 using namespace indexer_probs_wgmma;
 
-at::Tensor indexer_loss_target_wgmma(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
-                               const at::Tensor& indices, const at::Tensor& ks, const at::Tensor& ke, double sm_scale) {
-  if (env_off("GLM5_WGMMA")) return {};
+bool indexer_loss_target_wgmma_ok(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse) {
+  if (env_off("GLM5_WGMMA")) return false;
   const auto dtype = q.scalar_type();
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || kv.scalar_type() != dtype || lse.scalar_type() != at::kFloat)
-    return {};
-  if (at::cuda::getCurrentDeviceProperties()->major != 9) return {};  // wgmma is sm_90a only
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), K = indices.size(1);
-  if (T == 0 || H == 0 || K == 0 || D % 64 != 0 || !aligned16(q.data_ptr()) || !aligned16(kv.data_ptr())) return {};
-  const size_t smem = smem_bytes(int(D));
-  if (smem > max_smem_optin(q.get_device())) return {};
+    return false;
+  if (at::cuda::getCurrentDeviceProperties()->major != 9) return false;  // wgmma is sm_90a only
+  const int64_t H = q.size(1), D = q.size(2);
+  if (H == 0 || D == 0 || D % 64 != 0 || !aligned16(q.data_ptr()) || !aligned16(kv.data_ptr())) return false;
+  return smem_bytes(int(D)) <= max_smem_optin(q.get_device());
+}
 
-  at::Tensor P = at::empty({T, K}, q.options().dtype(at::kFloat));
+void indexer_loss_target_wgmma(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse,
+                               const at::Tensor& indices, const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
+                               int64_t q0, int64_t q1, at::Tensor& P) {
+  if (q1 <= q0) return;
   Params p{};
   p.q = q.data_ptr();
   p.kv = kv.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.indices = indices.data_ptr<int32_t>();
+  p.indices = indices.defined() ? indices.data_ptr<int32_t>() : nullptr;
   p.ks = ks.data_ptr<int32_t>();
   p.ke = ke.data_ptr<int32_t>();
   p.P = P.data_ptr<float>();
-  p.T = T;
-  p.S = int(kv.size(0)), p.H = int(H), p.D = int(D), p.K = int(K);
+  p.t0 = q0;
+  p.ld = P.size(1);
+  p.T = q.size(0);
+  p.S = int(kv.size(0)), p.H = int(q.size(1)), p.D = int(q.size(2));
+  p.K = indices.defined() ? int(indices.size(1)) : 0;
   p.sm_scale = sm_scale;
+  const size_t smem = smem_bytes(p.D);
   auto launch = [&](auto kernel) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<unsigned(T), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+    kernel<<<unsigned(q1 - q0), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (dtype == at::kBFloat16) launch(head_summed_probs_wgmma_kernel<__nv_bfloat16>);
+  if (q.scalar_type() == at::kBFloat16) launch(head_summed_probs_wgmma_kernel<__nv_bfloat16>);
   else launch(head_summed_probs_wgmma_kernel<__half>);
-  return P;
 }
 
 }  // namespace glm5::cuda

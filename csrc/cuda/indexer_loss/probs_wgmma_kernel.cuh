@@ -1,11 +1,12 @@
-// The indexer KL loss's target on Hopper's warpgroup tensor cores: for every slot k of query t's sparse
-// key set, the head-summed main-attention probability from the saved lse,
-//   P[t, k] = sum over heads h with lse[t,h] != +inf of exp(sm * q[t,h] . kv[s] - lse[t,h]),  s = indices[t, k]
-// (0 for a slot off the set: s outside the clamped visible range [ks, ke), or -1). The loss kernels
-// (kernels.cuh) then read P instead of recomputing it on CUDA cores in every pass; fwd and bwd each
-// compute it once. bf16/fp16 q and kv, D % 64 == 0 (GLM-5: 576), fp32 accumulation and output.
+// The indexer KL loss's target on Hopper's warpgroup tensor cores: for every position k of query t's key
+// set, the head-summed main-attention probability from the saved lse,
+//   P[t, k] = sum over heads h with lse[t,h] != +inf of exp(sm * q[t,h] . kv[s] - lse[t,h])
+// where s = indices[t, k] (sparse; 0 for a slot off the set: s outside the clamped visible range
+// [ks, ke), or -1) or s = ks[t] + k (dense: every visible key). The loss kernels (kernels.cuh) then read
+// P instead of recomputing it on CUDA cores in every pass; fwd and bwd each compute it once, for chunks
+// of queries. bf16/fp16 q and kv, D % 64 == 0 (GLM-5: 576), fp32 accumulation and output.
 //
-// One CTA per query, two warpgroups. Heads in groups of 64 (padded rows: zero q, excluded); per group q
+// One CTA per query of the chunk [t0, t0 + gridDim.x), two warpgroups. Heads in groups of 64 (padded rows: zero q, excluded); per group q
 // stays in shared memory and the slots stream through two shared tiles of kBK = 64 keys gathered by
 // cp.async one block ahead (off-set slots zero-filled). Warpgroup w scores slots 32 w .. 32 w + 31 of a
 // block (wgmma m64n32k16 over D / 16 steps, the 128-byte-swizzled tiles of gmma_desc.h), exponentiates,
@@ -29,10 +30,11 @@ struct Params {
   const void* q;           // [T, H, D] bf16 / fp16
   const void* kv;          // [S, D]
   const float* lse;        // [T, H]
-  const int32_t* indices;  // [T, K]
+  const int32_t* indices;  // [T, K] (sparse) or null (dense)
   const int32_t* ks;       // [T]
   const int32_t* ke;       // [T]
-  float* P;                // [T, K] out
+  float* P;                // [gridDim.x, ld] out: row t - t0, positions [0, K) or [0, ke - ks)
+  int64_t t0, ld;
   int64_t T;
   int S, H, D, K;
   double sm_scale;
@@ -59,8 +61,10 @@ __global__ void __launch_bounds__(kThreads, 1) head_summed_probs_wgmma_kernel(co
   const int D = p.D, K = p.K, H = p.H, ncb = D / 64;
   const uint32_t tile = uint32_t(ncb) * kBlockBytes;
   const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int64_t t = blockIdx.x;
+  const int64_t t = p.t0 + blockIdx.x;
   const int lo = max(0, min(p.ks[t], p.S)), hi = max(lo, min(p.ke[t], p.S));
+  const bool sparse = p.indices != nullptr;
+  const int npos = sparse ? K : hi - lo;
 
   unsigned char* qs = base;        // [ncb][64 heads][128 B]
   unsigned char* ks = qs + tile;   // [2][ncb][64 keys][128 B]
@@ -70,22 +74,26 @@ __global__ void __launch_bounds__(kThreads, 1) head_summed_probs_wgmma_kernel(co
   const uint32_t q_addr = base_addr, k_addr = base_addr + tile;
 
   const T* kvg = static_cast<const T*>(p.kv);
-  const int32_t* idx_row = p.indices + t * K;
-  float* prow = p.P + t * K;
+  const int32_t* idx_row = sparse ? p.indices + t * K : nullptr;
+  float* prow = p.P + (t - p.t0) * p.ld;
   const float sm = static_cast<float>(p.sm_scale);
-  const int nblk = (K + kBK - 1) / kBK;
+  const int nblk = (npos + kBK - 1) / kBK;
 
+  // The key of position pos of the set, or -1 when it is not in it (the loss kernels' loss_key).
+  auto key_at = [&](int pos) -> int {
+    if (pos >= npos) return -1;
+    if (!sparse) return lo + pos;
+    const int s = idx_row[pos];
+    return s >= lo && s < hi ? s : -1;
+  };
   auto load_block = [&](int blk, int buf) {
     const int k0 = blk * kBK;
     auto key_row = [&](int j) -> const T* {
-      const int s = k0 + j < K ? idx_row[k0 + j] : -1;
-      return s >= lo && s < hi ? kvg + int64_t(s) * D : nullptr;
+      const int s = key_at(k0 + j);
+      return s >= 0 ? kvg + int64_t(s) * D : nullptr;
     };
     gmma::gather_rows(ks + buf * tile, kBK, D, key_row, kvg, tid, kThreads);
-    if (tid < kBK) {
-      const int s = k0 + tid < K ? idx_row[k0 + tid] : -1;
-      keyok[buf * kBK + tid] = s >= lo && s < hi;
-    }
+    if (tid < kBK) keyok[buf * kBK + tid] = key_at(k0 + tid) >= 0;
   };
 
   for (int h0 = 0; h0 < H; h0 += kHeads) {
@@ -143,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1) head_summed_probs_wgmma_kernel(co
       __syncthreads();
       if (tid < kBK) {  // slot j of the block: its warpgroup's four warps, in order
         const int k = b * kBK + tid, w = tid >> 5, j = tid & 31;
-        if (k < K) {
+        if (k < npos) {
           float v = 0.f;
 #pragma unroll
           for (int q4 = 0; q4 < 4; ++q4) v += colsum[(w * 4 + q4) * 32 + j];
