@@ -4,9 +4,10 @@
 // Every CUDA thread of a CTA is a fiber (ucontext) on the calling OS thread; CTAs run one after
 // another. __syncthreads is a barrier over the CTA, and the warp-collective operations (shuffles, ldmatrix, mma.sync) exchange
 // their operands through per-warp slots behind a warp barrier, then compute each lane's result
-// exactly as the PTX ISA defines it (the layouts are restated in csrc/cuda/common/mma.cuh). cp.async
-// copies are queued per thread and land only at cp.async.wait_group, so a kernel that reads a tile
-// before waiting for it reads stale data here too. mma accumulates in fp32 in increasing k order
+// exactly as the PTX ISA defines it (the layouts are restated in csrc/cuda/common/mma.cuh). A cp.async
+// copy lands at its issue or at the cp.async.wait_group that retires it (seeded coin flip, see
+// cp_async_16), so a kernel that reads a tile before waiting for it, or refills a buffer that other
+// threads still read, reads the wrong bytes here too. mma accumulates in fp32 in increasing k order
 // (the hardware's order within one mma is unspecified: results match to fp32 rounding, not bitwise).
 //
 // Include this before any glm5 kernel header. Dynamic shared memory is glm5::cuda::dynamic_smem()
@@ -135,6 +136,8 @@ struct Scheduler {
   std::vector<Fiber> fibers;
   int current = -1;
   std::function<void()> body;
+  std::mt19937 copy_rng;  // when each cp.async lands (see cp_async_16)
+  int copy_mode = 2;      // 0 lazy: at the wait; 1 eager: at issue; 2 either, by coin flip
 };
 inline thread_local Scheduler* sched = nullptr;
 
@@ -181,6 +184,9 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel) {
   std::vector<int> order(nthreads);
   const char* seed = std::getenv("GLM5_SIM_SEED");  // another seed, another interleaving
   std::mt19937 rng(seed != nullptr ? unsigned(std::strtoul(seed, nullptr, 10)) : 12345u);
+  s.copy_rng.seed(seed != nullptr ? unsigned(std::strtoul(seed, nullptr, 10)) + 1u : 54321u);
+  const char* mode = std::getenv("GLM5_SIM_CP_ASYNC");  // lazy | eager | mixed (default)
+  s.copy_mode = mode == nullptr ? 2 : std::strcmp(mode, "lazy") == 0 ? 0 : std::strcmp(mode, "eager") == 0 ? 1 : 2;
   for (uint64_t b = 0; b < nctas; ++b) {
     Cta cta(nthreads, smem_bytes);
     std::memset(cta.smem.data(), 0xff, cta.smem.size());
@@ -440,7 +446,20 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   }
 }
 
-inline void cp_async_16(void* dst, const void* src, bool valid) { glm5_sim::tctx.open.push_back({dst, src, valid}); }
+// A cp.async lands somewhere between its issue and the wait that retires it; the simulator picks either
+// end, per copy (GLM5_SIM_CP_ASYNC=mixed, the default: a seeded coin flip), or always the wait (lazy: a
+// kernel reading a tile before waiting sees stale bytes) or always the issue (eager: a kernel refilling a
+// buffer that other threads still read overwrites it under them).
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  auto* s = glm5_sim::sched;
+  const bool eager = s->copy_mode == 1 || (s->copy_mode == 2 && (s->copy_rng() & 1u));
+  if (!eager) {
+    glm5_sim::tctx.open.push_back({dst, src, valid});
+    return;
+  }
+  if (valid) std::memcpy(dst, src, 16);
+  else std::memset(dst, 0, 16);
+}
 inline void cp_async_commit() {
   auto& t = glm5_sim::tctx;
   t.groups.push_back(std::move(t.open));
