@@ -5,9 +5,9 @@
 // another. __syncthreads is a barrier over the CTA, and the warp-collective operations (shuffles, ldmatrix, mma.sync) exchange
 // their operands through per-warp slots behind a warp barrier, then compute each lane's result
 // exactly as the PTX ISA defines it (the layouts are restated in csrc/cuda/common/mma.cuh). A cp.async
-// copy lands at its issue or at the cp.async.wait_group that retires it (seeded coin flip, see
-// cp_async_16), so a kernel that reads a tile before waiting for it, or refills a buffer that other
-// threads still read, reads the wrong bytes here too. mma accumulates in fp32 in increasing k order
+// copy lands at its issue or at the cp.async.wait_group that retires it, and a wgmma batch runs at its
+// issue or at its wait (seeded coin flips, GLM5_SIM_ASYNC), so a kernel that reads data before waiting
+// for it, or overwrites a buffer that other threads still read, reads the wrong bytes here too. mma accumulates in fp32 in increasing k order
 // (the hardware's order within one mma is unspecified: results match to fp32 rounding, not bitwise).
 //
 // Include this before any glm5 kernel header. Dynamic shared memory is glm5::cuda::dynamic_smem()
@@ -118,6 +118,7 @@ struct ThreadCtx {
   unsigned collectives = 0;               // warp collectives this thread has reached in the CTA
   std::vector<WgmmaOp> wg_open;                // wgmma issued, not yet committed
   std::vector<std::vector<WgmmaOp>> wg_groups; // committed batches in flight (oldest first)
+  int wg_batch = -1;                           // the open batch runs: -1 undecided, 0 at its wait, 1 at issue
   size_t wg_issued = 0;                        // wgmma this thread has issued in the CTA
 };
 inline thread_local ThreadCtx tctx;
@@ -136,8 +137,9 @@ struct Scheduler {
   std::vector<Fiber> fibers;
   int current = -1;
   std::function<void()> body;
-  std::mt19937 copy_rng;  // when each cp.async lands (see cp_async_16)
-  int copy_mode = 2;      // 0 lazy: at the wait; 1 eager: at issue; 2 either, by coin flip
+  std::mt19937 async_rng;  // when each cp.async lands and each wgmma batch runs (see cp_async_16, wgmma::mma)
+  int async_mode = 2;      // 0 lazy: at the wait; 1 eager: at issue; 2 either, by coin flip
+  bool eager() { return async_mode == 1 || (async_mode == 2 && (async_rng() & 1u)); }
 };
 inline thread_local Scheduler* sched = nullptr;
 
@@ -184,9 +186,9 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel) {
   std::vector<int> order(nthreads);
   const char* seed = std::getenv("GLM5_SIM_SEED");  // another seed, another interleaving
   std::mt19937 rng(seed != nullptr ? unsigned(std::strtoul(seed, nullptr, 10)) : 12345u);
-  s.copy_rng.seed(seed != nullptr ? unsigned(std::strtoul(seed, nullptr, 10)) + 1u : 54321u);
-  const char* mode = std::getenv("GLM5_SIM_CP_ASYNC");  // lazy | eager | mixed (default)
-  s.copy_mode = mode == nullptr ? 2 : std::strcmp(mode, "lazy") == 0 ? 0 : std::strcmp(mode, "eager") == 0 ? 1 : 2;
+  s.async_rng.seed(seed != nullptr ? unsigned(std::strtoul(seed, nullptr, 10)) + 1u : 54321u);
+  const char* mode = std::getenv("GLM5_SIM_ASYNC");  // lazy | eager | mixed (default)
+  s.async_mode = mode == nullptr ? 2 : std::strcmp(mode, "lazy") == 0 ? 0 : std::strcmp(mode, "eager") == 0 ? 1 : 2;
   for (uint64_t b = 0; b < nctas; ++b) {
     Cta cta(nthreads, smem_bytes);
     std::memset(cta.smem.data(), 0xff, cta.smem.size());
@@ -447,13 +449,11 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 }
 
 // A cp.async lands somewhere between its issue and the wait that retires it; the simulator picks either
-// end, per copy (GLM5_SIM_CP_ASYNC=mixed, the default: a seeded coin flip), or always the wait (lazy: a
+// end, per copy (GLM5_SIM_ASYNC=mixed, the default: a seeded coin flip), or always the wait (lazy: a
 // kernel reading a tile before waiting sees stale bytes) or always the issue (eager: a kernel refilling a
 // buffer that other threads still read overwrites it under them).
 inline void cp_async_16(void* dst, const void* src, bool valid) {
-  auto* s = glm5_sim::sched;
-  const bool eager = s->copy_mode == 1 || (s->copy_mode == 2 && (s->copy_rng() & 1u));
-  if (!eager) {
+  if (!glm5_sim::sched->eager()) {
     glm5_sim::tctx.open.push_back({dst, src, valid});
     return;
   }
@@ -488,11 +488,22 @@ inline uint32_t smem_addr(const void* p) {
 
 namespace wgmma {
 
-// wgmma.mma_async as a queued operation: it runs when the issuing thread's wait() retires its batch, for
-// that thread's accumulator registers only, reading both operands from shared memory as the descriptors
-// address them (gmma_desc.h: the PTX ISA's canonical layouts). So a kernel that reads its accumulators or
-// overwrites an operand before waiting sees the difference here too. Every thread of a warpgroup must
-// issue the same wgmma sequence (checked). fp32 products, summed in k order.
+inline void run(const glm5_sim::WgmmaOp& op);
+// Runs this thread's committed batches, oldest first, until at most n are in flight.
+inline void retire(size_t n) {
+  auto& t = glm5_sim::tctx;
+  while (t.wg_groups.size() > n) {
+    for (const auto& op : t.wg_groups.front()) run(op);
+    t.wg_groups.erase(t.wg_groups.begin());
+  }
+}
+
+// wgmma.mma_async, for the issuing thread's accumulator registers only, reading both operands from shared
+// memory as the descriptors address them (gmma_desc.h: the PTX ISA's canonical layouts). A batch runs
+// either when the thread's wait() retires it or at issue (after the thread's older batches), a seeded
+// coin flip per batch (GLM5_SIM_ASYNC, as cp.async): a kernel that reads its accumulators or overwrites
+// an operand before waiting, or issues before its operands are in place, sees the difference here too.
+// Every thread of a warpgroup must issue the same wgmma sequence (checked). fp32 products, in k order.
 template <typename T, int N, bool TransB, bool TransA = false>
 inline void mma(float (&d)[N / 2], uint64_t da, uint64_t db, bool accumulate) {
   static_assert(kIsMmaType<T> && N % 8 == 0 && N >= 8 && N <= 256, "wgmma: m64nNk16, bf16 or fp16");
@@ -517,14 +528,20 @@ inline void mma(float (&d)[N / 2], uint64_t da, uint64_t db, bool accumulate) {
     }
   }
   ++t.wg_issued;
-  t.wg_open.push_back(op);
+  if (t.wg_batch < 0) {
+    t.wg_batch = glm5_sim::sched->eager() ? 1 : 0;
+    if (t.wg_batch == 1) retire(0);  // the older batches first: wgmma completes in order
+  }
+  if (t.wg_batch == 1) run(op);
+  else t.wg_open.push_back(op);
 }
 
 inline void fence() {}
 inline void commit() {
   auto& t = glm5_sim::tctx;
-  t.wg_groups.push_back(std::move(t.wg_open));
+  t.wg_groups.push_back(std::move(t.wg_open));  // empty for a batch that ran at issue
   t.wg_open.clear();
+  t.wg_batch = -1;
 }
 
 inline float smem_value(uint32_t addr, bool bf16) {
@@ -569,11 +586,7 @@ inline void run(const glm5_sim::WgmmaOp& op) {
 
 template <int n>
 inline void wait() {
-  auto& t = glm5_sim::tctx;
-  while (t.wg_groups.size() > size_t(n)) {
-    for (const auto& op : t.wg_groups.front()) run(op);
-    t.wg_groups.erase(t.wg_groups.begin());
-  }
+  retire(n);
 }
 template <int R>
 inline void fence_operand(float (&)[R]) {}
