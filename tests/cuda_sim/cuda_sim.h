@@ -2,22 +2,24 @@
 // barriers are tested on machines without a GPU (the real hardware tests are tests/ops/test_cuda_*.py).
 //
 // Every CUDA thread of a CTA is a fiber (ucontext) on the calling OS thread; CTAs run one after
-// another. __syncthreads is a barrier over the CTA, and the warp-collective operations (shuffles, ldmatrix, mma.sync) exchange
-// their operands through per-warp slots behind a warp barrier, then compute each lane's result
-// exactly as the PTX ISA defines it (the layouts are restated in csrc/cuda/common/mma.cuh). A cp.async
-// copy lands at its issue or at the cp.async.wait_group that retires it, and a wgmma batch runs at its
-// issue or at its wait (seeded coin flips, GLM5_SIM_ASYNC), so a kernel that reads data before waiting
-// for it, or overwrites a buffer that other threads still read, reads the wrong bytes here too. mma accumulates in fp32 in increasing k order
-// (the hardware's order within one mma is unspecified: results match to fp32 rounding, not bitwise).
+// another. __syncthreads is a barrier over the CTA, and the warp-collective operations (shuffles,
+// ldmatrix, mma.sync) exchange their operands through per-warp slots behind a warp barrier, then compute
+// each lane's result exactly as the PTX ISA defines it (the layouts are restated in
+// csrc/cuda/common/mma.cuh). Hopper's wgmma reads its operands from shared memory through the kernel's
+// descriptors (wgmma.cuh, gmma_desc.h). A cp.async copy lands at its issue or at the cp.async.wait_group
+// that retires it, and a wgmma batch runs at its issue or at its wait (seeded coin flips, GLM5_SIM_ASYNC),
+// so a kernel that reads data before waiting for it, or overwrites a buffer that other threads still
+// read, reads the wrong bytes here too. mma accumulates in fp32 in increasing k order (the hardware's
+// order within one mma is unspecified: results match to fp32 rounding, not bitwise).
 //
 // Include this before any glm5 kernel header. Dynamic shared memory is glm5::cuda::dynamic_smem()
 // (device_utils.cuh), never `extern __shared__`; a `__shared__` variable in a kernel body becomes a
 // function-local static, which all threads of the CTA share (CTAs run one at a time, and each kernel
 // instantiation has its own). Besides the shuffles and mma: __syncwarp, __ballot_sync, __any_sync,
-// __match_any_sync, __popc, __ffs, cub::BlockScan's sums and scans (the kernel headers include cub
-// only outside the simulator), and Hopper's wgmma from shared-memory descriptors (wgmma.cuh), which runs
-// when the issuing thread waits for it. Not supported: atomics, threads that exit before a __syncthreads the others still reach,
-// warp-divergent collectives (every lane of a warp must reach each collective; full masks only).
+// __match_any_sync, __popc, __ffs and cub::BlockScan's sums and scans (the kernel headers include cub
+// only outside the simulator). Not supported: atomics, threads that exit before a __syncthreads the
+// others still reach, warp-divergent collectives (every lane of a warp must reach each collective; full
+// masks only).
 #pragma once
 #define GLM5_CUDA_SIM 1
 

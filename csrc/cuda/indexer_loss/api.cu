@@ -5,9 +5,10 @@
 // kernels clamp ks/ke to [0, S] (ks > ke: an empty set) and treat a slot outside the clamped visible
 // range, out-of-range values included, like -1 (not in the set); nothing is read out of bounds.
 // Accumulation in fp32 (fp64 for fp64 indexer inputs); q/kv in another dtype than the indexer's are
-// converted to that accumulation dtype first (as on the CPU). Deterministic: no float atomics. Sparse sets
-// with bf16/fp16 main attention inputs take their target P from one warpgroup-MMA pass on Hopper
-// (probs_wgmma.cu) instead of recomputing it on CUDA cores in every pass of the tile kernels.
+// converted to that accumulation dtype first (as on the CPU). Deterministic: no float atomics. With
+// bf16/fp16 main attention inputs on Hopper, the target P of every query's set (sparse or dense) comes
+// from one warpgroup-MMA pass per chunk of queries (probs_wgmma.cu) instead of being recomputed on CUDA
+// cores in every pass of the tile kernels.
 // Status: compiled for sm_90a, not yet verified on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -287,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_bwd_cuda(
       using ct = decltype(tc);
       // Both kernels' tilings first (the dk tiling may be smaller: the query kernel keeps its own).
       IndexerLossParams pk = p;
-      size_t smem_k = sparse ? 0 : pick_tiling(pk, limit, loss_dk_dense_smem<ct>, "indexer_kl_loss_bwd");
+      const size_t smem_k = sparse ? 0 : pick_tiling(pk, limit, loss_dk_dense_smem<ct>, "indexer_kl_loss_bwd");
       const size_t smem = pick_tiling(p, limit, loss_bwd_query_smem<ct>, "indexer_kl_loss_bwd");
       auto kq = indexer_loss_bwd_query_kernel<Ti, Tm, ct>;
       auto kk = indexer_loss_bwd_dk_dense_kernel<Ti, Tm, ct>;
