@@ -15,7 +15,9 @@
 #include <cstdint>
 
 alignas(1024) static unsigned char g_window[256 * 1024];  // the "shared window": address = offset
-inline size_t __cvta_generic_to_shared(const void* p) { return size_t(static_cast<const unsigned char*>(p) - g_window); }
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return size_t(static_cast<const unsigned char*>(p) - g_window);
+}
 #define CUTE_CVTA_GENERIC_TO_SHARED_ACTIVATED 1
 
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -52,7 +54,8 @@ void check_tile(std::map<std::string, int64_t>& bad) {
   auto k_layout = tile_to_shape(SM90::GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<ROWS>, Int<D>>{});
   Tensor k_tile = make_tensor(make_smem_ptr(ptr), k_layout);
   for (int r = 0; r < ROWS; ++r)
-    for (int col = 0; col < D; ++col) bad["layout"] += offset_of(k_tile, base, r, col) != gm::elem_offset(r, col, block);
+    for (int col = 0; col < D; ++col)
+      bad["layout"] += offset_of(k_tile, base, r, col) != gm::elem_offset(r, col, block);
   auto k_slices = [&](auto rows_per_slice) {
     constexpr int R = decltype(rows_per_slice)::value;
     for (int row0 = 0; row0 < ROWS; row0 += R) {

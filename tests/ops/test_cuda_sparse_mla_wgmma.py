@@ -71,7 +71,8 @@ def test_wgmma_forward_deterministic(monkeypatch):
 
 def test_wgmma_forward_through_autograd_and_compile(monkeypatch):
     monkeypatch.setenv("GLM5_WGMMA", "1")
-    q, kv, idx, scale, dv = (t.cuda() if isinstance(t, torch.Tensor) else t for t in make_inputs(CASES[1], torch.bfloat16))
+    x = make_inputs(CASES[1], torch.bfloat16)
+    q, kv, idx, scale, dv = (t.cuda() if isinstance(t, torch.Tensor) else t for t in x)
     q.requires_grad_()
     kv.requires_grad_()
     out, _ = glm5.ops.sparse_mla(q, kv, idx, scale, dv)

@@ -6,14 +6,15 @@
 // P instead of recomputing it on CUDA cores in every pass; fwd and bwd each compute it once, for chunks
 // of queries. bf16/fp16 q and kv, D % 64 == 0 (GLM-5: 576), fp32 accumulation and output.
 //
-// One CTA per query of the chunk [t0, t0 + gridDim.x), two warpgroups. Heads in groups of 64 (padded rows: zero q, excluded); per group q
-// stays in shared memory and the slots stream through two shared tiles of kBK = 64 keys gathered by
-// cp.async one block ahead (off-set slots zero-filled). Warpgroup w scores slots 32 w .. 32 w + 31 of a
-// block (wgmma m64n32k16 over D / 16 steps, the 128-byte-swizzled tiles of gmma_desc.h), exponentiates,
-// and sums its columns in a fixed order: the thread's two rows, a butterfly over the warp's 16 rows,
-// then the 4 warps in increasing order; head groups add in increasing order. Deterministic.
+// One CTA per query of the chunk [t0, t0 + gridDim.x), two warpgroups. Heads in groups of 64 (padded
+// rows: zero q, excluded); per group q stays in shared memory and the positions stream through two
+// shared tiles of kBK = 64 keys gathered by cp.async one block ahead (positions off the set zero-filled).
+// Warpgroup w scores positions 32 w .. 32 w + 31 of a block (wgmma m64n32k16 over D / 16 steps, the
+// 128-byte-swizzled tiles of gmma_desc.h), exponentiates, and sums its columns in a fixed order: the
+// thread's two rows, a butterfly over the warp's 16 rows, then the 4 warps in increasing order; head
+// groups add in increasing order. Deterministic.
 //
-// Device code only (no ATen): api.cu launches it; tests/cuda_sim runs the same source on the CPU.
+// Device code only (no ATen): probs_wgmma.cu launches it; tests/cuda_sim runs the same source on the CPU.
 #pragma once
 #include <cmath>
 #include <cstdint>
