@@ -11,6 +11,8 @@
 
 #include <torch/extension.h>
 
+#include "../../csrc/cuda/lightning_indexer/host_params.h"
+
 #include <limits>
 #include <tuple>
 
@@ -22,16 +24,7 @@ IndexerParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const at::Tensor& ke) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && w.is_contiguous() && ks.is_contiguous() &&
               ke.is_contiguous(), "contiguous inputs");
-  IndexerParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.w = w.data_ptr();
-  p.ks = ks.data_ptr<int32_t>();
-  p.ke = ke.data_ptr<int32_t>();
-  p.T = q.size(0);
-  p.S = int(k.size(0)), p.HI = int(q.size(1)), p.DI = int(q.size(2));
-  p.ldk = odd_stride(p.DI);
-  return p;
+  return indexer_params(q, k, w, ks, ke);
 }
 
 template <typename F>

@@ -15,6 +15,8 @@
 
 #include <torch/extension.h>
 
+#include "../../csrc/cuda/indexer_loss/probs_params.h"
+
 #include <algorithm>
 #include <numeric>
 #include <optional>
@@ -97,19 +99,7 @@ IndexerLossParams make_params(const Inputs& in, double sm_scale) {
 void probs_into(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& lse, const at::Tensor& indices,
                 const at::Tensor& ks, const at::Tensor& ke, double sm_scale, int64_t q0, int64_t q1, at::Tensor& P) {
   namespace pw = glm5::cuda::indexer_probs_wgmma;
-  pw::Params p{};
-  p.q = q.data_ptr();
-  p.kv = kv.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.indices = indices.defined() ? indices.data_ptr<int32_t>() : nullptr;
-  p.ks = ks.data_ptr<int32_t>();
-  p.ke = ke.data_ptr<int32_t>();
-  p.P = P.data_ptr<float>();
-  p.t0 = q0, p.ld = P.size(1);
-  p.T = q.size(0);
-  p.S = int(kv.size(0)), p.H = int(q.size(1)), p.D = int(q.size(2));
-  p.K = indices.defined() ? int(indices.size(1)) : 0;
-  p.sm_scale = sm_scale;
+  const pw::Params p = pw::make_params(q, kv, lse, indices, ks, ke, sm_scale, q0, P);
   auto go = [&](auto tag) {
     using T = decltype(tag);
     glm5_sim::launch(dim3(unsigned(q1 - q0)), dim3(pw::kThreads), pw::smem_bytes(p.D),

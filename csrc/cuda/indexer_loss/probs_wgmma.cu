@@ -3,8 +3,8 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "../common/host_utils.h"
+#include "probs_params.h"
 #include "probs_wgmma.h"
-#include "probs_wgmma_kernel.cuh"
 
 namespace glm5::cuda {
 
@@ -25,20 +25,7 @@ void indexer_loss_target_wgmma(const at::Tensor& q, const at::Tensor& kv, const 
                                const at::Tensor& indices, const at::Tensor& ks, const at::Tensor& ke, double sm_scale,
                                int64_t q0, int64_t q1, at::Tensor& P) {
   if (q1 <= q0) return;
-  Params p{};
-  p.q = q.data_ptr();
-  p.kv = kv.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.indices = indices.defined() ? indices.data_ptr<int32_t>() : nullptr;
-  p.ks = ks.data_ptr<int32_t>();
-  p.ke = ke.data_ptr<int32_t>();
-  p.P = P.data_ptr<float>();
-  p.t0 = q0;
-  p.ld = P.size(1);
-  p.T = q.size(0);
-  p.S = int(kv.size(0)), p.H = int(q.size(1)), p.D = int(q.size(2));
-  p.K = indices.defined() ? int(indices.size(1)) : 0;
-  p.sm_scale = sm_scale;
+  const Params p = make_params(q, kv, lse, indices, ks, ke, sm_scale, q0, P);
   const size_t smem = smem_bytes(p.D);
   auto launch = [&](auto kernel) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));

@@ -16,6 +16,7 @@
 #include "glm5/checks.h"
 #include "glm5/indexer_checks.h"
 #include "../common/host_utils.h"
+#include "host_params.h"
 #include "kernels.cuh"
 #include "tc.h"
 
@@ -32,20 +33,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
   glm5::checked_int32(q.size(1), "q.size(1) (HI)");
   glm5::checked_int32(q.size(2), "q.size(2) (DI)");
   TORCH_CHECK(q.size(0) < (int64_t(1) << 31), "q.size(0) (T) = ", q.size(0), " does not fit in int32");
-}
-
-IndexerParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
-                          const at::Tensor& ke) {
-  IndexerParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.w = w.data_ptr();
-  p.ks = ks.data_ptr<int32_t>();
-  p.ke = ke.data_ptr<int32_t>();
-  p.T = q.size(0);
-  p.S = int(k.size(0)), p.HI = int(q.size(1)), p.DI = int(q.size(2));
-  p.ldk = odd_stride(p.DI);
-  return p;
 }
 
 // The largest power-of-two tile in [lo_bs, hi_bs] whose shared memory fits, or a clear error.
@@ -70,7 +57,7 @@ at::Tensor indexer_logits_cuda(const at::Tensor& q_, const at::Tensor& k_, const
     indexer_logits_tc(q, k, w, ks, ke, logits);
     return logits;
   }
-  IndexerParams p = make_params(q, k, w, ks, ke);
+  IndexerParams p = indexer_params(q, k, w, ks, ke);
   p.logits = logits.data_ptr();
   const size_t limit = max_smem_optin(q.get_device());
   dispatch_float(q.scalar_type(), "indexer_logits", [&](auto t_tag, auto c_tag) {
@@ -108,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_bwd_cuda(const at:
   at::Tensor dK = at::zeros({S, DI}, q.options().dtype(acc));
   at::Tensor dW = at::zeros({T, HI}, q.options().dtype(acc));
   if (T > 0 && S > 0 && HI > 0 && DI > 0) {
-    IndexerParams p = make_params(q, k, w, ks, ke);
+    IndexerParams p = indexer_params(q, k, w, ks, ke);
     p.grad = G.data_ptr();
     p.dq = dQ.data_ptr();
     p.dk = dK.data_ptr();
@@ -150,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> indexer_topk_cuda(const at::Tensor& q_, const
   at::Tensor scores = at::full({T, topk}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_type(q)));
   if (T == 0 || S == 0) return {indices, scores};
   if (indexer_tc_eligible(q, k) && indexer_topk_tc(q, k, w, ks, ke, topk, indices, scores)) return {indices, scores};
-  IndexerParams p = make_params(q, k, w, ks, ke);
+  IndexerParams p = indexer_params(q, k, w, ks, ke);
   p.topk = int(topk);
   p.out_idx = indices.data_ptr<int32_t>();
   p.out_val = scores.data_ptr();

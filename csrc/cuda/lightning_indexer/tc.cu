@@ -13,6 +13,7 @@
 #include <cstdlib>
 
 #include "../common/host_utils.h"
+#include "host_params.h"
 #include "tc.h"
 #include "tc_kernels.cuh"
 
@@ -28,19 +29,6 @@ int env_int(const char* name) {
   TORCH_CHECK(end != v && *end == '\0' && x > 0 && x <= (1 << 20), name, " must be a positive integer, got '", v,
               "'");
   return int(x);
-}
-
-IndexerParams tc_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
-                        const at::Tensor& ke) {
-  IndexerParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.w = w.data_ptr();
-  p.ks = ks.data_ptr<int32_t>();
-  p.ke = ke.data_ptr<int32_t>();
-  p.T = q.size(0);
-  p.S = int(k.size(0)), p.HI = int(q.size(1)), p.DI = int(q.size(2));
-  return p;
 }
 
 int num_sms(const at::Tensor& q) { return at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount; }
@@ -86,7 +74,7 @@ bool indexer_tc_eligible(const at::Tensor& q, const at::Tensor& k) {
 
 void indexer_logits_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
                        const at::Tensor& ke, at::Tensor& logits) {
-  IndexerParams p = tc_params(q, k, w, ks, ke);
+  IndexerParams p = indexer_params(q, k, w, ks, ke);
   p.logits = logits.data_ptr();
   const int64_t tiles = (p.S + kTcTileKeys - 1) / kTcTileKeys;
   TORCH_CHECK(tiles <= 65535, "indexer_logits: S = ", p.S, " needs ", tiles, " key tiles, more than 65535");
@@ -105,7 +93,7 @@ void indexer_logits_tc(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 bool indexer_topk_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& ks,
                      const at::Tensor& ke, int64_t topk, at::Tensor& indices, at::Tensor& scores) {
-  IndexerParams p = tc_params(q, k, w, ks, ke);
+  IndexerParams p = indexer_params(q, k, w, ks, ke);
   p.topk = int(topk);
   p.out_idx = indices.data_ptr<int32_t>();
   p.out_val = scores.data_ptr();
